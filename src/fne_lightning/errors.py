@@ -1,0 +1,34 @@
+"""User-facing errors.
+
+Anything the user can fix (a config value, a missing file, unavailable weights) raises
+:class:`FNEError` with one line that names the key or file and what was expected. The entry
+points print that line and exit non-zero without a traceback; everything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+
+class FNEError(Exception):
+    """An error in the user's input: reported as one line, exit code 2, no traceback."""
+
+
+def check(condition: bool, key: str, expected: str, value: Any) -> None:
+    """Raise ``FNEError("<key>=<value>: expected <expected>")`` unless ``condition``."""
+    if not condition:
+        raise FNEError(f"{key}={value!r}: expected {expected}")
+
+
+@contextlib.contextmanager
+def report_user_errors(exit_code: int = 2) -> Iterator[None]:
+    """Turn an :class:`FNEError` into one ``error: ...`` line on stderr and a non-zero exit."""
+    try:
+        yield
+    except FNEError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(exit_code)
