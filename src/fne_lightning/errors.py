@@ -29,6 +29,21 @@ def report_user_errors(exit_code: int = 2) -> Iterator[None]:
     """Turn an :class:`FNEError` into one ``error: ...`` line on stderr and a non-zero exit."""
     try:
         yield
-    except FNEError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except Exception as err:
+        # hydra.utils.instantiate wraps errors raised by a target: look through the chain.
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr, flush=True)
         sys.exit(exit_code)
+
+
+def user_error(err: BaseException | None) -> FNEError | None:
+    """The :class:`FNEError` behind ``err`` (itself or a cause of it), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, FNEError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
