@@ -1,0 +1,168 @@
+"""Image-text retrieval metrics: R@K, medr, meanr, rsum, the COCO 1K protocol, and the
+multi-positive R-Precision / mAP@R / any-positive R@K.
+
+Protocol: FNE_SPEC section 9 (VSE++ ranks, Faghri et al. 2018: the rank of an image is the best
+rank among all its ground-truth captions, never assuming five; R@K = percent of queries with
+0-based rank < K; medr = floor(median rank) + 1; meanr = mean rank + 1; rsum = sum of the six R@K;
+COCO 1K = mean over the five consecutive 1,000-image folds of the 5K test set) and section 10
+(extra positives: R-Precision and mAP@R of Musgrave et al. 2020, "A Metric Learning Reality
+Check", and R@K where any positive counts). Ties count against the query (see
+:func:`retrieval_scores`).
+
+Our R@K is a hit rate: torchmetrics' ``RetrievalHitRate`` computes the same quantity, whereas
+``RetrievalRecall`` divides by the number of relevant items (different when an image has several
+captions) and, since torchmetrics 1.8, drops candidates whose score is <= 0, which cosine scores
+often are.
+
+The ranking itself is pure PyTorch in :mod:`fne_lightning.components.ranking`;
+:class:`RetrievalMetric` only accumulates features across batches and ranks (DDP-safe).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from fne_lightning.components.ranking import retrieval_scores
+from fne_lightning.errors import FNEError
+
+__all__ = ["RetrievalMetric", "coco_1k_scores", "retrieval_scores"]
+
+
+def coco_1k_scores(
+    image_features: Tensor,
+    text_features: Tensor,
+    text_to_image: Tensor,
+    positive_pairs: Tensor | None = None,
+    num_folds: int = 5,
+    **kw: Any,
+) -> dict[str, float]:
+    """COCO 1K protocol: :func:`retrieval_scores` averaged over ``num_folds`` consecutive folds.
+
+    Fold f holds images ``[f * n, (f + 1) * n)`` with ``n = N_img / num_folds`` and the captions
+    of those images (in any order in the input), re-indexed; positive pairs are kept where both
+    sides fall in the fold. Shapes as in :func:`retrieval_scores`; ``kw`` goes to it. Every key
+    is the mean of the fold values (so rsum is the mean of the fold rsums).
+    """
+    n_img = image_features.shape[0]
+    if not isinstance(num_folds, int) or num_folds < 1 or n_img % num_folds:
+        raise FNEError(
+            f"num_folds={num_folds!r}: expected a positive divisor of the number of images ({n_img})"
+        )
+    fold = n_img // num_folds
+    text_to_image = text_to_image.to(image_features.device).long()
+    fold_of_caption = text_to_image // fold  # (N_txt,)
+    index_in_fold = torch.empty_like(text_to_image)  # (N_txt,) caption index inside its fold
+    pairs = None if positive_pairs is None else positive_pairs.to(image_features.device).long()
+    totals: dict[str, float] = {}
+    for f in range(num_folds):
+        captions = (fold_of_caption == f).nonzero().squeeze(1)  # (n_f,) in input order
+        index_in_fold[captions] = torch.arange(captions.numel(), device=captions.device)
+        fold_pairs = None
+        if pairs is not None:
+            keep = (pairs[:, 0] // fold == f) & (fold_of_caption[pairs[:, 1]] == f)
+            fold_pairs = torch.stack([pairs[keep, 0] - f * fold, index_in_fold[pairs[keep, 1]]], 1)
+        scores = retrieval_scores(
+            image_features[f * fold : (f + 1) * fold],
+            text_features[captions],
+            text_to_image[captions] - f * fold,
+            fold_pairs,
+            **kw,
+        )
+        for key, value in scores.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return {key: value / num_folds for key, value in totals.items()}
+
+
+def _unique_by_index(features: Tensor, indices: Tensor, expected: int, modality: str) -> Tensor:
+    """Features (N, D) of dataset indices 0..expected-1, in index order, one row per index.
+
+    DistributedSampler pads the last batches with repeated samples; the first copy (in gathered
+    order) is kept.
+    """
+    ordered, perm = torch.sort(indices, stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]  # (M,) first copy of each index
+    unique = ordered[first]
+    n = unique.numel()
+    if n != expected or (n and (int(unique[0]) != 0 or int(unique[-1]) != expected - 1)):
+        span = f" in [{int(unique[0])}, {int(unique[-1])}]" if n else ""
+        raise FNEError(
+            f"RetrievalMetric: got {n} distinct {modality} indices{span}, expected all {expected} "
+            f"(0..{expected - 1}): was part of the split skipped (e.g. limit_val_batches < 1.0), or do the "
+            f"targets belong to another split?"
+        )
+    return features[perm[first]]
+
+
+class RetrievalMetric(Metric):
+    """Accumulates image and caption features over batches and computes :func:`retrieval_scores`.
+
+    States are lists gathered with ``dist_reduce_fx="cat"``, so under DDP every rank ranks the
+    whole split; duplicated dataset indices (DistributedSampler padding) are dropped and rows are
+    ordered by index before ranking. The targets are plain attributes, identical on every rank.
+
+    Args:
+        text_to_image: (N_txt,) int64 image index of each caption (dataset index space).
+        positive_pairs: optional (P, 2) (image index, caption index) extra positives.
+        chunk_size: passed to :func:`retrieval_scores`.
+        kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``compute_on_cpu``).
+
+    ``compute()`` returns a ``dict[str, float]`` (Python floats, as :func:`retrieval_scores`).
+    Use ``update()`` per batch and ``compute()`` per epoch; calling the metric (``forward``)
+    would rank a single batch against the whole split's targets and fail the size check.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self,
+        text_to_image: Tensor,
+        positive_pairs: Tensor | None = None,
+        chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.chunk_size = chunk_size
+        self.set_targets(text_to_image, positive_pairs)
+        for modality in ("image", "text"):
+            self.add_state(f"{modality}_features", default=[], dist_reduce_fx="cat")
+            self.add_state(f"{modality}_indices", default=[], dist_reduce_fx="cat")
+
+    def set_targets(self, text_to_image: Tensor, positive_pairs: Tensor | None = None) -> None:
+        """Replace the ground truth (e.g. when the evaluation split changes)."""
+        self.text_to_image = text_to_image.detach().long()  # (N_txt,)
+        self.positive_pairs = None if positive_pairs is None else positive_pairs.detach().long()  # (P, 2)
+        # Every image has >= 1 caption, so the largest index names the last image.
+        self.num_images = int(self.text_to_image.max()) + 1 if self.text_to_image.numel() else 0
+
+    def update(self, features: Tensor, indices: Tensor, modality: str) -> None:
+        """Add a batch: features (B, D) and their dataset indices (B,) of one ``modality``."""
+        if modality not in ("image", "text"):
+            raise ValueError(f"modality={modality!r}: expected 'image' or 'text'")
+        if features.ndim != 2 or indices.shape != (features.shape[0],):
+            raise ValueError(
+                f"expected features (B, D) and indices (B,), got {tuple(features.shape)} and {tuple(indices.shape)}"
+            )
+        getattr(self, f"{modality}_features").append(features.detach().float())
+        getattr(self, f"{modality}_indices").append(indices.detach().to(features.device).long())
+
+    def compute(self) -> dict[str, float]:
+        """Deduplicate, order by dataset index and rank: see :func:`retrieval_scores`."""
+        feats = {}
+        for modality, expected in (("image", self.num_images), ("text", self.text_to_image.numel())):
+            stored = getattr(self, f"{modality}_features")
+            if isinstance(stored, list) and not stored:
+                raise FNEError(f"RetrievalMetric: no {modality} features were added before compute()")
+            feats[modality] = _unique_by_index(
+                dim_zero_cat(stored), dim_zero_cat(getattr(self, f"{modality}_indices")), expected, modality
+            )
+        return retrieval_scores(
+            feats["image"], feats["text"], self.text_to_image, self.positive_pairs, chunk_size=self.chunk_size
+        )
