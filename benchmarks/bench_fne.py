@@ -1,0 +1,192 @@
+"""Cost of FNE negative selection against the hardest negative, per training step.
+
+FNE (Li et al., ACM MM 2023, arXiv 2308.04380; FNE_SPEC sections 3, 5-7) samples each
+anchor's negative from batch + bank candidates with weights from hardness, the
+false-negative posterior and the cut-down. The published implementation loops over
+anchors with `.item()` (~50x and ~240x the hardest-negative step at the two sizes
+below); ours is whole-tensor (`fne_lightning.components.sampling`).
+
+Both paths time one step, forward AND backward (anchors require grad), both directions
+(i2t, t2i), with the same candidate scores and masks:
+
+- scores: online anchors (B, D) vs [B momentum features; K bank slots] -> (B, B + K)
+  (two matmuls whose (B, .) outputs are concatenated: copying the (B + K, D) candidate
+  matrix would cost more than the selection being measured),
+- valid: candidate image id != anchor image id, and the bank slot was written,
+- ``fne``: fne_weights + sample_negatives; ``hardest``: masked argmax,
+- gather of the chosen score, hinge ``relu(margin + s_neg - s_pos)`` masked by
+  has_negative, mean.
+
+Inputs are ready: random unit features with planted structure (matched pairs ~0.6,
+others ~0.1), a full bank, and Gaussians set to pos N(0.6, 0.1^2), neg N(0.1, 0.1^2).
+
+    python benchmarks/bench_fne.py                       # both paper sizes, CPU (+ cuda)
+    python benchmarks/bench_fne.py --sizes 32,1024,64    # smoke run
+
+Prints one JSON object per size and device, then a table. Times are the best and the
+median of ``--repeats`` runs after ``--warmup`` runs, alternating the two paths so that
+background load hits both alike; ``ratio`` = fne_ms / hardest_ms (best).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from fne_lightning.components.bank import MemoryBank
+from fne_lightning.components.sampling import fne_weights, hardest_negatives, sample_negatives
+from fne_lightning.components.stats import SimilarityStats
+
+MARGIN = 0.2
+PAPER_SIZES = "32,8224,768;128,65536,768"
+
+
+def _features(ids: Tensor, parts: dict[str, Tensor], gen: torch.Generator) -> Tensor:
+    # A shared direction (cos 0.1 between any two features), a per-image part (0.5) and
+    # noise (0.4). Image parts and noise live in few dimensions so that scores spread
+    # like a trained model's: other images ~0.1 +- 0.2, same image ~0.6 +- 0.15.
+    noise = torch.randn(ids.shape[0], parts["rank"], generator=gen, device=parts["common"].device)
+    x = (
+        0.1**0.5 * parts["common"]
+        + 0.5**0.5 * parts["image"][ids]
+        + 0.4**0.5 * F.normalize(noise, dim=1) @ parts["basis"][: parts["rank"]]
+    )
+    return F.normalize(x, dim=1)
+
+
+def make_inputs(batch: int, bank_size: int, dim: int, device: torch.device, seed: int = 0) -> dict:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n_images, rank = 4 * (batch + bank_size), min(dim, 16)
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=gen, device=device))[0].T  # orthonormal rows
+    image = torch.randn(n_images, rank, generator=gen, device=device)
+    parts = {
+        "common": basis[-1],
+        "image": F.normalize(image, dim=1) @ basis[rank : 2 * rank],
+        "basis": basis,
+        "rank": rank,
+    }
+    ids = torch.randint(0, n_images, (batch,), generator=gen, device=device)
+    bank = MemoryBank(bank_size, dim).to(device)
+    bank_ids = torch.randint(0, n_images, (bank_size,), generator=gen, device=device)
+    # Some bank slots show batch images: they are positives, masked out of the candidates.
+    bank_ids[: batch // 2] = ids[: batch // 2]
+    bank.enqueue(
+        _features(bank_ids, parts, gen),
+        _features(bank_ids, parts, gen),
+        bank_ids,
+        torch.arange(bank_size, device=device),
+    )
+    stats = SimilarityStats().to(device)
+    for prefix, mean, std in (("pos", 0.6, 0.1), ("neg", 0.1, 0.1)):
+        getattr(stats, f"{prefix}_count").fill_(1000.0)
+        getattr(stats, f"{prefix}_mean").fill_(mean)
+        getattr(stats, f"{prefix}_m2").fill_(999.0 * std**2)
+    return {
+        "image": _features(ids, parts, gen).requires_grad_(),
+        "text": _features(ids, parts, gen).requires_grad_(),
+        "momentum_image": _features(ids, parts, gen),
+        "momentum_text": _features(ids, parts, gen),
+        "ids": ids,
+        "bank": bank,
+        "gaussians": stats.snapshot(),
+        "gen": gen,
+    }
+
+
+def _direction(anchors: Tensor, momentum: Tensor, bank_features: Tensor, inputs: dict, select: str) -> Tensor:
+    bank: MemoryBank = inputs["bank"]
+    ids = inputs["ids"]
+    scores = torch.cat([anchors @ momentum.T, anchors @ bank_features.T], dim=1)  # (B, B + K)
+    positive = (anchors * momentum).sum(dim=1)  # (B,)
+    with torch.no_grad():
+        candidate_ids = torch.cat([ids, bank.image_ids])  # (B + K,)
+        written = torch.cat([torch.ones_like(ids, dtype=torch.bool), bank.valid_mask()])  # (B + K,)
+        valid = (ids.unsqueeze(1) != candidate_ids).logical_and_(written)  # (B, B + K)
+        if select == "fne":
+            weights = fne_weights(scores, positive, valid, inputs["gaussians"]).weights
+            index, has_negative = sample_negatives(weights, scores, valid, inputs["gen"])
+        else:
+            index, has_negative = hardest_negatives(scores, valid)
+    negative = scores.gather(1, index.unsqueeze(1)).squeeze(1)  # (B,)
+    return (F.relu(MARGIN + negative - positive) * has_negative).mean()
+
+
+def step(inputs: dict, select: str) -> None:
+    bank: MemoryBank = inputs["bank"]
+    i2t = _direction(inputs["image"], inputs["momentum_text"], bank.text_features, inputs, select)
+    t2i = _direction(inputs["text"], inputs["momentum_image"], bank.image_features, inputs, select)
+    (i2t + t2i).backward()
+    inputs["image"].grad = inputs["text"].grad = None
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def bench(batch: int, bank_size: int, dim: int, device: torch.device, warmup: int, repeats: int) -> dict:
+    inputs = make_inputs(batch, bank_size, dim, device)
+    times: dict[str, list[float]] = {"fne": [], "hardest": []}
+    for i in range(warmup + repeats):
+        for select in ("fne", "hardest") if i % 2 == 0 else ("hardest", "fne"):
+            elapsed = _timed(lambda select=select: step(inputs, select), device)
+            if i >= warmup:
+                times[select].append(elapsed)
+    fne, hardest = min(times["fne"]), min(times["hardest"])
+    return {
+        "batch": batch,
+        "bank": bank_size,
+        "dim": dim,
+        "device": str(device),
+        "fne_ms": round(fne, 2),
+        "hardest_ms": round(hardest, 2),
+        "ratio": round(fne / hardest, 2),
+        "fne_ms_median": round(statistics.median(times["fne"]), 2),
+        "hardest_ms_median": round(statistics.median(times["hardest"]), 2),
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=PAPER_SIZES, help="'B,K,D;B,K,D' (default: %(default)s)")
+    parser.add_argument("--devices", default=None, help="comma-separated; default cpu (+ cuda if available)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] * torch.cuda.is_available())
+    rows = []
+    for device in devices:
+        for size in args.sizes.split(";"):
+            b, k, d = (int(x) for x in size.split(","))
+            row = bench(b, k, d, torch.device(device), args.warmup, args.repeats)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print(f"\n{'device':>8} {'B':>5} {'K':>7} {'D':>5} {'fne ms':>9} {'hardest ms':>11} {'ratio':>6}")
+    for r in rows:
+        print(
+            f"{r['device']:>8} {r['batch']:>5} {r['bank']:>7} {r['dim']:>5} "
+            f"{r['fne_ms']:>9.2f} {r['hardest_ms']:>11.2f} {r['ratio']:>6.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Small `torch.distributed` helpers that degrade to no-ops in a single process.
+
+FNE (Li et al., ACM MM 2023, arXiv 2308.04380) under DDP needs two collectives
+(FNE_SPEC sections 2 and 4): every rank gathers the global batch of momentum features
+before writing it to the memory bank, so all ranks hold the same bank (MoCo's
+``concat_all_gather``), and the per-rank similarity moments are gathered and merged so
+the Gaussians are the ones of the global batch. Neither needs a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of ranks, 1 without an initialised process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank, 0 without an initialised process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from all ranks along dim 0, in rank order, without gradient.
+
+    ``tensor``: (n, ...) with the SAME shape and dtype on every rank (``all_gather``
+    requires it; pad beforehand if local batches can differ, e.g. a ragged last batch
+    without ``drop_last``). Returns (world_size * n, ...); in a single process it returns
+    ``tensor.detach()`` (same storage, no copy).
+    """
+    if not is_distributed():
+        return tensor.detach()
+    tensor = tensor.detach().contiguous()
+    # `all_gather` into a list works on both gloo and nccl (`all_gather_into_tensor`
+    # is not implemented by every backend).
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts, dim=0)
+
+
+def gather_with_local_grad(tensor: Tensor) -> Tensor:
+    """Like `gather_no_grad`, but this rank's rows keep their gradient (open_clip style).
+
+    The other ranks' rows are constants here; each rank back-propagates through its own
+    rows, and DDP's gradient averaging combines the ranks. Identity in a single process.
+    """
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    parts[dist.get_rank()] = tensor
+    return torch.cat(parts, dim=0)
