@@ -6,16 +6,17 @@ false-negative posterior and the cut-down. The published implementation loops ov
 anchors with `.item()` (~50x and ~240x the hardest-negative step at the two sizes
 below); ours is whole-tensor (`fne_lightning.components.sampling`).
 
-Both paths time one step, forward AND backward (anchors require grad), both directions
-(i2t, t2i), with the same candidate scores and masks:
+Both paths run the project's own loss, `FNELoss`, for one step, forward AND backward
+(anchors require grad), both directions (i2t, t2i), over the same candidates:
+``fne`` is ``selection="sample"`` (posterior weights, cut-down, inverse-CDF sampling),
+``hardest`` is ``selection="hardest"`` (the hardest valid negative over batch + bank,
+i.e. VSE++ over the bank). Each step also updates the similarity statistics, enqueues
+the batch and computes the diagnostics, alike in both paths:
 
-- scores: online anchors (B, D) vs [B momentum features; K bank slots] -> (B, B + K)
-  (two matmuls whose (B, .) outputs are concatenated: copying the (B + K, D) candidate
-  matrix would cost more than the selection being measured),
+- scores: online anchors (B, D) vs [B momentum features; K bank slots] -> (B, B + K),
+  computed without autograd; only the B chosen negatives are re-scored with gradient,
 - valid: candidate image id != anchor image id, and the bank slot was written,
-- ``fne``: fne_weights + sample_negatives; ``hardest``: masked argmax,
-- gather of the chosen score, hinge ``relu(margin + s_neg - s_pos)`` masked by
-  has_negative, mean.
+- hinge ``relu(margin + s_neg - s_pos)`` masked by has_negative, mean.
 
 Inputs are ready: random unit features with planted structure (matched pairs ~0.6,
 others ~0.1), a full bank, and Gaussians set to pos N(0.6, 0.1^2), neg N(0.1, 0.1^2).
@@ -46,10 +47,9 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fne_lightning.components.bank import MemoryBank
-from fne_lightning.components.sampling import fne_weights, hardest_negatives, sample_negatives
+from fne_lightning.components.losses import FNELoss
 from fne_lightning.components.stats import SimilarityStats
 
-MARGIN = 0.2
 PAPER_SIZES = "32,8224,768;128,65536,768"
 
 
@@ -99,35 +99,28 @@ def make_inputs(batch: int, bank_size: int, dim: int, device: torch.device, seed
         "momentum_image": _features(ids, parts, gen),
         "momentum_text": _features(ids, parts, gen),
         "ids": ids,
+        "text_ids": torch.arange(batch, device=device) + bank_size,
         "bank": bank,
-        "gaussians": stats.snapshot(),
+        "stats": stats,
         "gen": gen,
     }
 
 
-def _direction(anchors: Tensor, momentum: Tensor, bank_features: Tensor, inputs: dict, select: str) -> Tensor:
+def make_loss(inputs: dict, selection: str) -> FNELoss:
+    """A ready `FNELoss`: full bank and Gaussians copied from the shared inputs."""
     bank: MemoryBank = inputs["bank"]
-    ids = inputs["ids"]
-    scores = torch.cat([anchors @ momentum.T, anchors @ bank_features.T], dim=1)  # (B, B + K)
-    positive = (anchors * momentum).sum(dim=1)  # (B,)
-    with torch.no_grad():
-        candidate_ids = torch.cat([ids, bank.image_ids])  # (B + K,)
-        written = torch.cat([torch.ones_like(ids, dtype=torch.bool), bank.valid_mask()])  # (B + K,)
-        valid = (ids.unsqueeze(1) != candidate_ids).logical_and_(written)  # (B, B + K)
-        if select == "fne":
-            weights = fne_weights(scores, positive, valid, inputs["gaussians"]).weights
-            index, has_negative = sample_negatives(weights, scores, valid, inputs["gen"])
-        else:
-            index, has_negative = hardest_negatives(scores, valid)
-    negative = scores.gather(1, index.unsqueeze(1)).squeeze(1)  # (B,)
-    return (F.relu(MARGIN + negative - positive) * has_negative).mean()
+    loss = FNELoss(embed_dim=bank.image_features.shape[1], memory_size=bank.size, selection=selection,
+                   warmup_epochs=0).to(bank.image_features.device)
+    loss.bank.load_state_dict(bank.state_dict())
+    loss.stats.load_state_dict(inputs["stats"].state_dict())
+    loss.generator = inputs["gen"]
+    return loss
 
 
-def step(inputs: dict, select: str) -> None:
-    bank: MemoryBank = inputs["bank"]
-    i2t = _direction(inputs["image"], inputs["momentum_text"], bank.text_features, inputs, select)
-    t2i = _direction(inputs["text"], inputs["momentum_image"], bank.image_features, inputs, select)
-    (i2t + t2i).backward()
+def step(loss: FNELoss, inputs: dict) -> None:
+    value, _ = loss(inputs["image"], inputs["text"], inputs["ids"], inputs["text_ids"],
+                    inputs["momentum_image"], inputs["momentum_text"])
+    value.backward()
     inputs["image"].grad = inputs["text"].grad = None
 
 
@@ -143,10 +136,11 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 def bench(batch: int, bank_size: int, dim: int, device: torch.device, warmup: int, repeats: int) -> dict:
     inputs = make_inputs(batch, bank_size, dim, device)
+    losses = {"fne": make_loss(inputs, "sample"), "hardest": make_loss(inputs, "hardest")}
     times: dict[str, list[float]] = {"fne": [], "hardest": []}
     for i in range(warmup + repeats):
         for select in ("fne", "hardest") if i % 2 == 0 else ("hardest", "fne"):
-            elapsed = _timed(lambda select=select: step(inputs, select), device)
+            elapsed = _timed(lambda select=select: step(losses[select], inputs), device)
             if i >= warmup:
                 times[select].append(elapsed)
     fne, hardest = min(times["fne"]), min(times["hardest"])

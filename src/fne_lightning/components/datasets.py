@@ -1,0 +1,244 @@
+"""Image-caption annotations and the torch Datasets that serve them.
+
+Two annotation formats are read into one :class:`CaptionSplit`:
+
+* Karpathy JSON (``dataset_flickr30k.json``, ``dataset_coco.json``, the synthetic benchmark):
+  ``images[]`` with ``split``, ``filename``, optional ``filepath``, ``imgid`` and
+  ``sentences[]`` (``raw``, ``sentid``). A file ``<stem>.positives.json`` beside it lists the
+  extra positives of FNE_SPEC section 10.
+* ALBEF-style per-split lists: ``[{"image", "caption", "image_id"}]`` for train (one row per
+  caption) and ``[{"image", "caption": [...]}]`` for evaluation.
+
+A split keeps unique images and all captions apart, with ``text_to_image`` mapping each
+caption to its image: nothing assumes five captions per image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from fne_lightning.errors import FNEError
+
+
+@dataclass
+class CaptionSplit:
+    """One split: unique images, all captions, and the image each caption belongs to."""
+
+    name: str
+    image_paths: list[str]
+    captions: list[str]
+    text_to_image: np.ndarray  # (N_txt,) int64, index into image_paths
+    image_keys: list[str] = field(default_factory=list)  # imgid / image_id, for reports
+    positive_pairs: np.ndarray | None = None  # (P, 2) int64 (image index, caption index)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.captions)
+
+
+def read_json(path: Path, key: str) -> object:
+    """Load a JSON file; a missing or malformed file is one clear error naming ``key``."""
+    if not path.is_file():
+        raise FNEError(f"{key}={str(path)!r}: annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FNEError(f"{key}={str(path)!r}: not valid JSON ({err})") from None
+
+
+def _clean_all(captions: list[str], clean: Callable[[str], str], where: Sequence[str]) -> list[str]:
+    out = [clean(c) for c in captions]
+    for text, raw, loc in zip(out, captions, where, strict=True):
+        if not text:
+            raise FNEError(f"{loc}: caption {raw!r} is empty after preprocessing")
+    return out
+
+
+def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], name: str,
+                  clean: Callable[[str], str] = str) -> CaptionSplit:
+    """Read the images of ``splits`` (e.g. ``["train", "restval"]``) from a Karpathy JSON."""
+    data = read_json(annotations, "data.annotations")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise FNEError(f"data.annotations={str(annotations)!r}: expected a Karpathy JSON object with "
+                       "an 'images' list")
+    wanted = set(splits)
+    paths, keys, captions, t2i, sentids, where = [], [], [], [], [], []
+    for n, img in enumerate(data["images"]):
+        try:
+            if img["split"] not in wanted:
+                continue
+            sentences = img["sentences"]
+            rel = os.path.join(img.get("filepath", ""), img["filename"])
+            imgid = img.get("imgid", n)
+        except (KeyError, TypeError) as err:
+            raise FNEError(f"data.annotations={str(annotations)!r}: image entry {n} lacks key {err} "
+                           "(expected split, filename, sentences)") from None
+        if not sentences:
+            raise FNEError(f"{annotations}: image {rel!r} (imgid {imgid}) has no captions")
+        for s in sentences:
+            if not isinstance(s, dict) or "raw" not in s:
+                raise FNEError(f"{annotations}: a sentence of image {rel!r} lacks key 'raw'")
+            captions.append(s["raw"])
+            sentids.append(int(s.get("sentid", -1)))
+            t2i.append(len(paths))
+            where.append(f"{annotations} (imgid {imgid}, sentid {s.get('sentid')})")
+        paths.append(str(image_root / rel))
+        keys.append(str(imgid))
+    if not paths:
+        raise FNEError(f"data.annotations={str(annotations)!r}: no images in split(s) {list(splits)}")
+    split = CaptionSplit(name, paths, _clean_all(captions, clean, where), np.asarray(t2i, np.int64), keys)
+    pos_file = annotations.with_name(annotations.stem + ".positives.json")
+    if pos_file.is_file():
+        split.positive_pairs = _positive_pairs(pos_file, keys, sentids)
+    return split
+
+
+def _positive_pairs(pos_file: Path, image_keys: list[str], sentids: list[int]) -> np.ndarray:
+    """Map ``{"<imgid>": [sentid, ...]}`` onto (image index, caption index) pairs of a split."""
+    raw = read_json(pos_file, "positives file")
+    if not isinstance(raw, dict):
+        raise FNEError(f"{pos_file}: expected an object {{'<imgid>': [sentid, ...]}}")
+    image_index = {k: i for i, k in enumerate(image_keys)}
+    text_index = {s: j for j, s in enumerate(sentids) if s >= 0}
+    pairs = [(image_index[k], text_index[s]) for k, sents in raw.items() if k in image_index
+             for s in sents if s in text_index]
+    return np.asarray(pairs, np.int64).reshape(-1, 2)
+
+
+def load_albef(annotations: Path, image_root: Path, name: str,
+               clean: Callable[[str], str] = str) -> CaptionSplit:
+    """Read an ALBEF-style list (one row per caption for train, per image for evaluation)."""
+    rows = read_json(annotations, "data.annotations")
+    if not isinstance(rows, list) or not rows:
+        raise FNEError(f"data.annotations={str(annotations)!r}: expected a non-empty JSON list of "
+                       "{'image', 'caption'} rows")
+    index: dict[str, int] = {}
+    paths, keys, captions, t2i, where = [], [], [], [], []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict) or "image" not in row or "caption" not in row:
+            raise FNEError(f"{annotations}: row {n} lacks key 'image' or 'caption'")
+        key = str(row.get("image_id", row["image"]))
+        if key not in index:
+            index[key] = len(paths)
+            paths.append(str(image_root / row["image"]))
+            keys.append(key)
+        texts = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
+        if not texts:
+            raise FNEError(f"{annotations}: image {row['image']!r} (row {n}) has no captions")
+        for text in texts:
+            captions.append(text)
+            t2i.append(index[key])
+            where.append(f"{annotations} (row {n})")
+    return CaptionSplit(name, paths, _clean_all(captions, clean, where), np.asarray(t2i, np.int64), keys)
+
+
+def check_images_exist(split: CaptionSplit) -> None:
+    """Fail before training when image files are missing (a stat per file, no decoding)."""
+    missing = [p for p in split.image_paths if not os.path.isfile(p)]
+    if missing:
+        raise FNEError(f"image file not found: {missing[0]} ({len(missing)} of {split.num_images} "
+                       f"{split.name} images missing; check data.root / data.image_root)")
+
+
+class ImageStore:
+    """Loads RGB images by index, optionally decoded once and kept in memory."""
+
+    def __init__(self, paths: Sequence[str], preload: bool = False) -> None:
+        self.paths = list(paths)
+        self.cache = [self._open(p) for p in self.paths] if preload else None
+
+    @staticmethod
+    def _open(path: str) -> Image.Image:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
+    def __getitem__(self, i: int) -> Image.Image:
+        return self.cache[i] if self.cache is not None else self._open(self.paths[i])
+
+
+Tokenize = Callable[[list[str]], Tensor]
+
+
+class ImageInputs:
+    """``i -> transform(image i)``; with ``cache``, each result is kept (only for deterministic
+    transforms: evaluation, or training without augmentation)."""
+
+    def __init__(self, store: ImageStore, transform: Callable, cache: bool = False) -> None:
+        self.store, self.transform = store, transform
+        self.cache: dict[int, Tensor] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.store.paths)
+
+    def __call__(self, i: int) -> Tensor:
+        if self.cache is None:
+            return self.transform(self.store[i])
+        if i not in self.cache:
+            self.cache[i] = self.transform(self.store[i])
+        return self.cache[i]
+
+
+class TextInputs:
+    """``j -> tokens of caption j`` (L,); with ``cache``, each caption is tokenized once."""
+
+    def __init__(self, captions: Sequence[str], tokenize: Tokenize, cache: bool = False) -> None:
+        self.captions, self.tokenize = captions, tokenize
+        self.cache: dict[int, Tensor] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __call__(self, j: int) -> Tensor:
+        if self.cache is not None and j in self.cache:
+            return self.cache[j]
+        tokens = self.tokenize([self.captions[j]])[0]
+        if self.cache is not None:
+            self.cache[j] = tokens
+        return tokens
+
+
+class PairDataset(Dataset):
+    """Training pairs: (image, tokens, image index, caption index), one item per caption."""
+
+    def __init__(self, text_to_image: np.ndarray, images: ImageInputs, texts: TextInputs) -> None:
+        self.text_to_image, self.images, self.texts = text_to_image, images, texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, j: int) -> tuple[Tensor, Tensor, int, int]:
+        i = int(self.text_to_image[j])
+        return self.images(i), self.texts(j), i, j
+
+
+class IndexedDataset(Dataset):
+    """Evaluation items, each once: (image or tokens, index)."""
+
+    def __init__(self, inputs: ImageInputs | TextInputs) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.inputs(i), i
+
+
+def positive_pairs_tensor(split: CaptionSplit) -> Tensor | None:
+    """Positives of a split as a (P, 2) LongTensor, or None when the dataset declares none."""
+    return None if split.positive_pairs is None else torch.from_numpy(split.positive_pairs)

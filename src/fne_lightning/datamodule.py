@@ -1,0 +1,226 @@
+"""LightningDataModule for image-caption data (Lightning glue #2 of 2).
+
+Training serves (image, tokens, image index, caption index) pairs, one per caption.
+Validation and test serve two loaders, unique images and all captions, so that every image
+is encoded once and any number of captions per image works; the LightningModule joins
+them with ``text_to_image`` and the split's positives.
+
+``CaptionDataModule`` reads Flickr30K, MS-COCO or any Karpathy/ALBEF-format dataset;
+``SyntheticDataModule`` first renders the built-in synthetic benchmark into a cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from fne_lightning.components.captions import clean_caption
+from fne_lightning.components.datasets import (
+    CaptionSplit,
+    ImageInputs,
+    ImageStore,
+    IndexedDataset,
+    PairDataset,
+    TextInputs,
+    check_images_exist,
+    load_albef,
+    load_karpathy,
+)
+from fne_lightning.components.encoders import ImageConfig
+from fne_lightning.components.synthetic import build_synthetic
+from fne_lightning.components.transforms import build_transform
+from fne_lightning.errors import FNEError, check
+
+STAGES = ("train", "val", "test")
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Karpathy-format (``format=karpathy``) or ALBEF-format (``format=albef``) caption data.
+
+    Args:
+        root: dataset directory (checked to exist).
+        annotations: Karpathy JSON path, or for ALBEF a mapping ``{train, val, test}`` of paths.
+        image_root: directory the image paths in the annotations are relative to (default root).
+        splits: Karpathy split names per stage (COCO's ``restval`` joins train).
+        preload_images: decode every image once at set-up and keep it in memory (small datasets).
+        cache_inputs: keep each caption's tokens, and each image tensor where the transform is
+            deterministic (evaluation; training without augmentation), after first use.
+        augment: ``crop_scale``, ``hflip``, ``randaugment`` of the training transform.
+        caption: ``lowercase``, ``strip_punctuation``, ``max_words`` of caption cleaning.
+        image_config, tokenizer: supplied by the encoder at run time (size, normalisation, tokens).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        annotations: str | Mapping[str, str] | None = None,
+        image_root: str | None = None,
+        format: str = "karpathy",
+        splits: Mapping[str, Sequence[str]] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        preload_images: bool = False,
+        cache_inputs: bool = False,
+        augment: Mapping[str, Any] | None = None,
+        caption: Mapping[str, Any] | None = None,
+        image_config: ImageConfig | Mapping[str, Any] | None = None,
+        tokenizer: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        check(format in ("karpathy", "albef"), "data.format", "karpathy or albef", format)
+        check(isinstance(batch_size, int) and batch_size > 0, "data.batch_size", "a positive integer", batch_size)
+        check(isinstance(eval_batch_size, int) and eval_batch_size > 0, "data.eval_batch_size",
+              "a positive integer", eval_batch_size)
+        check(isinstance(num_workers, int) and num_workers >= 0, "data.num_workers", "an integer >= 0", num_workers)
+        self.root = root
+        self.annotations = annotations
+        self.image_root = image_root
+        self.format = format
+        self.splits = dict(splits or {"train": ["train", "restval"], "val": ["val"], "test": ["test"]})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.preload_images = preload_images
+        self.cache_inputs = cache_inputs
+        self.augment = dict(augment or {})
+        self.clean = partial(clean_caption, **dict(caption or {}))
+        # Hydra's `_convert_: all` hands dataclass arguments over as dicts.
+        self.image_config = ImageConfig(**image_config) if isinstance(image_config, Mapping) else image_config
+        self.tokenizer = tokenizer
+        self.data: dict[str, CaptionSplit] = {}
+        self._images: dict[str, ImageStore] = {}
+
+    def use_encoder(self, image_config: ImageConfig, tokenizer: Callable) -> None:
+        """Take image size/normalisation and the tokenizer from the encoder."""
+        self.image_config, self.tokenizer = image_config, tokenizer
+
+    def check_paths(self) -> None:
+        """Fail fast, before any model is built, when the data root or annotations are missing."""
+        if not Path(self.root).is_dir():
+            raise FNEError(f"data.root={str(self.root)!r}: directory not found")
+        for stage in STAGES:
+            path = self._annotation_path(stage)
+            if not path.is_file():
+                raise FNEError(f"data.annotations={str(path)!r}: annotation file not found")
+
+    # ----------------------------------------------------------------- reading
+    def _annotation_path(self, stage: str) -> Path:
+        if self.format == "albef":
+            if not isinstance(self.annotations, Mapping) or stage not in self.annotations:
+                raise FNEError(f"data.annotations: expected a mapping with a {stage!r} file for format=albef")
+            return Path(self.annotations[stage])
+        if not isinstance(self.annotations, (str, Path)):
+            raise FNEError("data.annotations: expected the path of a Karpathy JSON file")
+        return Path(self.annotations)
+
+    def load_split(self, stage: str) -> CaptionSplit:
+        """Parse (once) the annotations of ``stage`` in train/val/test."""
+        if stage not in self.data:
+            if not Path(self.root).is_dir():
+                raise FNEError(f"data.root={str(self.root)!r}: directory not found")
+            image_root = Path(self.image_root or self.root)
+            path = self._annotation_path(stage)
+            if self.format == "karpathy":
+                if stage not in self.splits:
+                    raise FNEError(f"data.splits: no entry for stage {stage!r}")
+                split = load_karpathy(path, image_root, list(self.splits[stage]), stage, self.clean)
+            else:
+                split = load_albef(path, image_root, stage, self.clean)
+            check_images_exist(split)
+            self.data[stage] = split
+        return self.data[stage]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.image_config is None or self.tokenizer is None:
+            raise RuntimeError("CaptionDataModule needs image_config and tokenizer from the encoder")
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for name in wanted.get(stage, STAGES) if stage else STAGES:
+            self.load_split(name)
+
+    def _store(self, stage: str) -> ImageStore:
+        if stage not in self._images:
+            self._images[stage] = ImageStore(self.data[stage].image_paths, self.preload_images)
+        return self._images[stage]
+
+    # ------------------------------------------------------------- dataloaders
+    def _loader(self, dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            # Full batches only: every DDP rank then gathers same-shaped features into the bank.
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _augmented(self) -> bool:
+        a = self.augment
+        return bool(a.get("crop_scale", (0.5, 1.0)) or a.get("hflip", True) or a.get("randaugment", (2, 7)))
+
+    def train_dataloader(self) -> DataLoader:
+        split = self.load_split("train")
+        if split.num_texts < self.batch_size:
+            raise FNEError(f"data.batch_size={self.batch_size}: larger than the {split.num_texts} training "
+                           "captions (training uses full batches only)")
+        augmented = self._augmented()
+        transform = build_transform(self.image_config, train=augmented, **self.augment)
+        images = ImageInputs(self._store("train"), transform, cache=self.cache_inputs and not augmented)
+        texts = TextInputs(split.captions, self.tokenizer, cache=self.cache_inputs)
+        return self._loader(PairDataset(split.text_to_image, images, texts), self.batch_size, train=True)
+
+    def _eval_loaders(self, stage: str) -> list[DataLoader]:
+        split = self.load_split(stage)
+        transform = build_transform(self.image_config, train=False)
+        images = ImageInputs(self._store(stage), transform, cache=self.cache_inputs)
+        texts = TextInputs(split.captions, self.tokenizer, cache=self.cache_inputs)
+        return [
+            self._loader(IndexedDataset(images), self.eval_batch_size, train=False),
+            self._loader(IndexedDataset(texts), self.eval_batch_size, train=False),
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+
+class SyntheticDataModule(CaptionDataModule):
+    """The built-in synthetic benchmark, rendered on first use into ``cache_dir``.
+
+    Its Karpathy JSON carries a ``.positives.json`` listing every caption that truly describes
+    each image, so multi-positive metrics and false-negative rates are always available.
+    """
+
+    def __init__(self, cache_dir: str, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
+                 image_size: int = 64, seed: int = 0, **kwargs: Any) -> None:
+        kwargs.setdefault("splits", {"train": ["train"], "val": ["val"], "test": ["test"]})
+        super().__init__(root=cache_dir, **kwargs)
+        self.synthetic = dict(num_train=num_train, num_val=num_val, num_test=num_test,
+                              image_size=image_size, seed=seed)
+
+    def _build(self) -> Path:
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        return build_synthetic(self.root, **self.synthetic)
+
+    def check_paths(self) -> None:
+        """Nothing to check: the benchmark is rendered on first use."""
+
+    def prepare_data(self) -> None:
+        self._build()  # rank 0 renders; the write is atomic, so other ranks never see half a dataset
+
+    def load_split(self, stage: str) -> CaptionSplit:
+        if self.annotations is None:
+            self.annotations = str(self._build())
+            self.image_root = str(Path(self.annotations).parent)
+        return super().load_split(stage)

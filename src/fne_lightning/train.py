@@ -1,0 +1,110 @@
+"""Training entry point: ``python -m fne_lightning.train [overrides]``.
+
+Composes ``conf/train.yaml`` with Hydra, builds encoder, data, loss and module with
+``hydra.utils.instantiate``, trains with Lightning, tests the best checkpoint (by
+``val/rsum``) and writes ``metrics.json`` plus a results table into the run directory.
+Heavy imports wait until after composition so ``--help``, ``--cfg job`` and bad-input
+errors answer quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from fne_lightning.errors import report_user_errors
+
+log = logging.getLogger(__name__)
+
+
+def config_dir() -> str:
+    """``conf/`` shipped inside the wheel, else the repository's (editable installs)."""
+    packaged = Path(__file__).parent / "conf"
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
+
+
+def build(cfg: DictConfig) -> tuple[Any, Any]:
+    """Instantiate (module, datamodule) from a composed config."""
+    from hydra.utils import instantiate
+
+    from fne_lightning.module import RetrievalModule
+
+    datamodule = instantiate(cfg.data)
+    datamodule.check_paths()  # missing data fails before a large model is built
+    encoder = instantiate(cfg.model)
+    datamodule.use_encoder(encoder.image_config, encoder.tokenizer)
+    loss = instantiate(cfg.loss, embed_dim=encoder.embed_dim)
+    optim = cfg.optim
+    module = RetrievalModule(
+        encoder=encoder,
+        loss=loss,
+        optimizer=instantiate(optim.optimizer),
+        scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        seed=int(cfg.seed),
+    )
+    return module, datamodule
+
+
+def instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Callbacks / loggers: every entry of the group that has a ``_target_``."""
+    from hydra.utils import instantiate
+
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test, write ``metrics.json``; returns the flat metrics."""
+    import lightning as L
+
+    from fne_lightning.report import format_table, write_json
+
+    L.seed_everything(int(cfg.seed), workers=True)
+    module, datamodule = build(cfg)
+    loggers = instantiate_all(cfg.get("logger"))
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics: dict[str, float] = {}
+    # Last epoch's averages of the training diagnostics (logged per step as fne/<name>).
+    for key, value in trainer.callback_metrics.items():
+        if key.startswith(("fne/", "train/")) and key.endswith("_epoch"):
+            metrics[key.removesuffix("_epoch")] = float(value)
+    ckpt = trainer.checkpoint_callback
+    best_path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    if ckpt is not None and ckpt.best_model_score is not None:
+        metrics[f"{ckpt.monitor}_best"] = float(ckpt.best_model_score)
+    if cfg.get("test"):
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+
+    if trainer.is_global_zero:
+        out_dir = Path(cfg.paths.output_dir)
+        metrics_file = out_dir / "metrics.json"
+        write_json(metrics_file, metrics)
+        if "test/rsum" in metrics:
+            print("\n" + format_table(metrics, "test"))
+        print(f"\nbest checkpoint: {best_path or '-'}\nmetrics: {metrics_file}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with report_user_errors():
+        metrics = train(cfg)
+    # Hydra sweepers (Optuna) maximise this value.
+    value = metrics.get(f"{cfg.get('optimized_metric')}_best")
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Annotation parsing (Karpathy, ALBEF), caption cleaning and the datamodule, on real JPEG files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fne_lightning.components.captions import clean_caption
+from fne_lightning.components.datasets import load_albef, load_karpathy
+from fne_lightning.components.encoders import ImageConfig
+from fne_lightning.datamodule import CaptionDataModule
+from fne_lightning.errors import FNEError
+
+# Uneven captions per image: 1, 3, 7, 2 (train/val/test mixed, plus a restval image).
+CAPTIONS = {0: ("train", 1), 1: ("train", 3), 2: ("val", 7), 3: ("test", 2), 4: ("restval", 2)}
+
+
+def write_jpeg(path: Path, colour: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 12), colour).save(path, format="JPEG")
+
+
+@pytest.fixture
+def karpathy(tmp_path: Path) -> Path:
+    images, sentid = [], 0
+    for imgid, (split, n) in CAPTIONS.items():
+        write_jpeg(tmp_path / "imgs" / f"{imgid}.jpg", (imgid * 40, 10, 200))
+        sentences = []
+        for k in range(n):
+            sentences.append({"raw": f"A Photo, number {imgid}-{k}!", "sentid": sentid, "imgid": imgid})
+            sentid += 1
+        images.append({"imgid": imgid, "filename": f"{imgid}.jpg", "filepath": "imgs", "split": split,
+                       "sentences": sentences})
+    path = tmp_path / "dataset_toy.json"
+    path.write_text(json.dumps({"images": images}))
+    # Image 1 is also described by image 0's caption (sentid 0); one entry points outside the split.
+    (tmp_path / "dataset_toy.positives.json").write_text(json.dumps({"0": [0], "1": [0, 1, 2, 3], "2": [4]}))
+    return path
+
+
+def test_clean_caption_follows_the_published_recipe() -> None:
+    raw = "A man/woman, on a half-pipe; (skating)!  Is it \"cool\"?  #fun ~yes: " + "w " * 40
+    out = clean_caption(raw)
+    assert out.startswith("a man woman on a half pipe skating is it cool fun yes w")
+    assert len(out.split()) == 30
+    assert clean_caption("Keep Case.", lowercase=False) == "Keep Case"
+    assert clean_caption("?!...") == ""
+
+
+def test_karpathy_uneven_captions_and_restval(karpathy: Path) -> None:
+    train = load_karpathy(karpathy, karpathy.parent, ["train", "restval"], "train", clean_caption)
+    assert train.num_images == 3 and train.num_texts == 1 + 3 + 2
+    assert train.text_to_image.tolist() == [0, 1, 1, 1, 2, 2]
+    assert train.captions[0] == "a photo number 0 0"
+    assert train.image_paths[1].endswith("imgs/1.jpg")
+    # positives: (image 0, sent 0), (image 1, sents 0..3) within the split; sent 4 is in val.
+    pairs = {tuple(p) for p in train.positive_pairs.tolist()}
+    assert pairs == {(0, 0), (1, 0), (1, 1), (1, 2), (1, 3)}
+    val = load_karpathy(karpathy, karpathy.parent, ["val"], "val")
+    assert val.num_images == 1 and val.num_texts == 7 and set(val.text_to_image.tolist()) == {0}
+
+
+def test_albef_train_and_eval_lists(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        write_jpeg(tmp_path / "img" / f"{name}.jpg", (0, 100, 0))
+    train = [{"image": "img/a.jpg", "caption": "one", "image_id": "a"},
+             {"image": "img/b.jpg", "caption": "two", "image_id": "b"},
+             {"image": "img/a.jpg", "caption": "three", "image_id": "a"}]
+    test = [{"image": "img/c.jpg", "caption": ["x", "y", "z", "w"]}, {"image": "img/a.jpg", "caption": ["q"]}]
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    tr = load_albef(tmp_path / "train.json", tmp_path, "train")
+    assert tr.num_images == 2 and tr.text_to_image.tolist() == [0, 1, 0]
+    te = load_albef(tmp_path / "test.json", tmp_path, "test")
+    assert te.num_images == 2 and te.text_to_image.tolist() == [0, 0, 0, 0, 1]
+
+
+def _tokenize(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[len(t), 1, 0, 0] for t in texts])
+
+
+def test_datamodule_serves_pairs_and_separate_eval_loaders(karpathy: Path) -> None:
+    dm = CaptionDataModule(root=str(karpathy.parent), annotations=str(karpathy), batch_size=2,
+                           eval_batch_size=4, num_workers=0, pin_memory=False,
+                           image_config=ImageConfig(16, (0.5,) * 3, (0.5,) * 3), tokenizer=_tokenize)
+    dm.setup("fit")
+    images, tokens, image_ids, text_ids = next(iter(dm.train_dataloader()))
+    assert images.shape == (2, 3, 16, 16) and tokens.shape == (2, 4)
+    assert all(dm.data["train"].text_to_image[t] == i for i, t in zip(image_ids.tolist(), text_ids.tolist(), strict=True))
+    image_loader, text_loader = dm.val_dataloader()
+    assert sum(b[0].shape[0] for b in image_loader) == 1  # each image once
+    assert sum(b[0].shape[0] for b in text_loader) == 7  # every caption
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p.unlink(), "annotation file not found"),
+        (lambda p: p.write_text("{not json"), "not valid JSON"),
+        (lambda p: p.write_text(json.dumps({"pictures": []})), "'images' list"),
+        (lambda p: (p.parent / "imgs" / "3.jpg").unlink(), "3.jpg"),
+        (lambda p: p.write_text(json.dumps({"images": [{"split": "test", "filename": "0.jpg", "sentences": [
+            {"raw": "?!", "sentid": 0}]}]})), "empty after preprocessing"),
+        (lambda p: p.write_text(json.dumps({"images": [{"split": "test", "filename": "0.jpg",
+                                                       "sentences": []}]})), "has no captions"),
+        (lambda p: p.write_text(json.dumps({"images": [{"split": "train", "filename": "0.jpg", "sentences": [
+            {"raw": "fine", "sentid": 0}]}]})), "no images in split"),
+    ],
+)
+def test_bad_annotations_give_one_clear_error(karpathy: Path, mutate, message: str) -> None:
+    mutate(karpathy)
+    dm = CaptionDataModule(root=str(karpathy.parent), annotations=str(karpathy), num_workers=0)
+    with pytest.raises(FNEError, match=message) as err:
+        dm.load_split("test")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_root_names_the_key(tmp_path: Path) -> None:
+    dm = CaptionDataModule(root=str(tmp_path / "nowhere"), annotations="x.json")
+    with pytest.raises(FNEError, match=r"data.root=.*nowhere.*directory not found"):
+        dm.load_split("train")
+
+
+def test_batch_size_must_be_positive() -> None:
+    with pytest.raises(FNEError, match="data.batch_size=0"):
+        CaptionDataModule(root=".", batch_size=0)
+
+
+def test_positive_pairs_are_int64(karpathy: Path) -> None:
+    split = load_karpathy(karpathy, karpathy.parent, ["train"], "train")
+    assert split.positive_pairs.dtype == np.int64

@@ -1,0 +1,111 @@
+"""The Hydra entry point: composition, in-process training runs and the real CLI (subprocess)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from fne_lightning.train import config_dir, train
+
+from conftest import TINY_OVERRIDES, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+FNE_KEYS = {"pos_mean", "pos_std", "neg_mean", "neg_std", "flagged_rate", "cutdown_rate", "sampled_sim",
+            "hardest_sim", "sampled_fn_rate", "hardest_fn_rate"}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    assert cfg.callbacks.model_checkpoint.monitor == "val/rsum"
+    # The loss and optimizer configs point at real classes with valid arguments.
+    loss = instantiate(cfg.loss, embed_dim=8)
+    assert loss.margin >= 0
+    instantiate(cfg.optim.optimizer)(params=[__import__("torch").zeros(1, requires_grad=True)])
+
+
+def test_fast_dev_run(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        cfg.trainer.fast_dev_run = True
+    metrics = train(cfg)
+    assert "train/loss" in metrics
+    assert (Path(cfg.paths.output_dir) / "metrics.json").is_file()
+
+
+def test_short_run_learns_and_writes_metrics(cfg: DictConfig) -> None:
+    # Three epochs of VSE0 (the warm-up loss) so losses are comparable across epochs.
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = 3
+        cfg.loss.warmup_epochs = 3
+        cfg.logger = {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": cfg.paths.output_dir,
+                              "name": "csv", "version": ""}}
+    metrics = train(cfg)
+    rows = list(csv.DictReader(open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")))
+    epoch_loss = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(epoch_loss) == 3 and epoch_loss[-1] < 0.8 * epoch_loss[0], epoch_loss
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert written == pytest.approx(metrics)
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", "t2i_medr", "rsum"):
+        assert f"test/{key}" in written
+    # The synthetic benchmark declares extra positives: multi-positive metrics are reported.
+    assert {"test/i2t_map_at_r", "test/t2i_rprecision", "test/t2i_any_r1"} <= written.keys()
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "fne_lightning.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_trains_fne_logs_every_diagnostic_and_writes_metrics(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY_OVERRIDES if o != "~logger"]
+    proc = run_cli(*overrides, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/rsum"] > 0 and (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert "Image-to-text" in proc.stdout and "rsum" in proc.stdout
+    # Every fne/ diagnostic reached the logger, and metrics.json has the last epoch's averages.
+    header = next(csv.reader(open(run_dir / "csv" / "metrics.csv")))
+    assert {f"fne/{k}_step" for k in FNE_KEYS} <= set(header)
+    assert {f"fne/{k}" for k in FNE_KEYS} <= metrics.keys()
+
+
+@pytest.mark.parametrize(
+    ("args", "culprit"),
+    [
+        (["experiment=f30k_vse", "data.root=/no/such/flickr30k"], "flickr30k"),
+        (["data=karpathy", "data.root=/no/such/dir", "data.annotations=/no/such/dir/d.json"], "data.root"),
+        (["data=karpathy", "data.root=.", "data.annotations=./missing.json"], "missing.json"),
+        (["model.name=ViT-Q-99"], "model.name='ViT-Q-99'"),
+        (["loss.momentum=1.5"], "loss.momentum=1.5"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args: list[str], culprit: str, tmp_path: Path) -> None:
+    proc = run_cli(*args, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and culprit in error_lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_unknown_config_group_option_names_it(tmp_path: Path) -> None:
+    proc = run_cli("model=no_such_model", cwd=tmp_path)
+    assert proc.returncode != 0 and "model/no_such_model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_and_cfg_job(tmp_path: Path) -> None:
+    proc = run_cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "experiment" in proc.stdout
+    proc = run_cli("--cfg", "job", "loss.cutdown=0.3", cwd=tmp_path)
+    assert proc.returncode == 0 and "cutdown: 0.3" in proc.stdout
