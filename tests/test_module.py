@@ -70,3 +70,16 @@ def test_ablations_by_config_alone_train(ablation: list[str], cache_dir: Path, t
     assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
     if "loss.memory_size=0" in ablation:
         assert module.loss.bank.size == 0
+
+
+def test_bf16_mixed_keeps_similarities_statistics_and_bank_in_full_precision(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        cfg.loss.warmup_epochs = 0
+    L.seed_everything(0)
+    module, datamodule = build(cfg)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
+    assert module.loss.bank.image_features.dtype == torch.float32
+    assert module.loss.stats.pos_m2.dtype == torch.float64 and int(module.loss.stats.pos_count) > 0

@@ -44,35 +44,37 @@ def triplet_hinge(negative_scores: Tensor, positive_scores: Tensor, margin: floa
 
 class VSEOutput(NamedTuple):
     loss: Tensor
-    i2t_negative: Tensor  # (B,) caption index of each image anchor's hardest negative
-    t2i_negative: Tensor  # (B,) image index of each caption anchor's hardest negative
-    i2t_has: Tensor  # (B,) bool
+    i2t_negative: Tensor  # (B,) candidate caption index of each image anchor's hardest negative
+    t2i_negative: Tensor  # (B,) candidate image index of each caption anchor's hardest negative
+    i2t_has: Tensor  # (B,) bool: the anchor has at least one valid negative
     t2i_has: Tensor  # (B,) bool
 
 
+def _vse_direction(anchors: Tensor, candidates: Tensor, positive: Tensor, same_image: Tensor, margin: float,
+                   kind: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Hinge over the negatives of each anchor: anchors (B, D), candidates (M, D), same_image (B, M)."""
+    masked = (anchors @ candidates.T).masked_fill(same_image, float("-inf"))  # (B, M)
+    cost = (margin + masked - positive[:, None]).clamp(min=0)  # (B, M), 0 on same-image entries
+    loss = (cost.amax(1) if kind == "vsepp" else cost.sum(1)).mean()
+    return loss, masked.argmax(1), (~same_image).any(1)
+
+
 def vse_loss(image_features: Tensor, text_features: Tensor, same_image: Tensor, margin: float,
-             kind: str = "vsepp") -> VSEOutput:
+             kind: str = "vsepp", candidate_images: Tensor | None = None,
+             candidate_texts: Tensor | None = None) -> VSEOutput:
     """VSE++ (``kind="vsepp"``, max violation) or VSE0 (``"vse0"``, sum) over in-batch negatives.
 
-    ``image_features`` (B, D) are the anchors of image-to-text; ``text_features`` (M, D) may
-    hold more rows (other ranks' captions, ``gather_batch``): row i of both is pair i for
-    i < B. ``same_image`` (B, M) is True where caption j describes image i (never a negative).
+    ``image_features``, ``text_features`` (B, D): the anchors, row i of both being pair i.
+    Candidates default to the same batch; under ``gather_batch`` they are the global batch
+    (M, D), whose local rows carry the gradient. ``same_image`` (B, M) is True where
+    candidate j shows/describes anchor i's image: never a negative (the pair itself included).
     """
-    scores = image_features @ text_features.T  # (B, M)
-    b = image_features.shape[0]
-    positive = scores[:, :b].diagonal()  # (B,)
-    masked = scores.masked_fill(same_image, float("-inf"))
-    cost_i2t = (margin + masked - positive[:, None]).clamp(min=0)  # (B, M) caption negatives
-    cost_t2i = (margin + masked[:, :b] - positive[None, :]).clamp(min=0)  # (B, B) image negatives
-    i2t_has = (~same_image).any(1)
-    t2i_has = (~same_image[:, :b]).any(0)
-    i2t_neg = masked.argmax(1)
-    t2i_neg = masked[:, :b].argmax(0)
-    if kind == "vsepp":
-        loss = cost_i2t.amax(1).mean() + cost_t2i.amax(0).mean()
-    else:
-        loss = cost_i2t.sum(1).mean() + cost_t2i.sum(0).mean()
-    return VSEOutput(loss, i2t_neg, t2i_neg, i2t_has, t2i_has)
+    cand_t = text_features if candidate_texts is None else candidate_texts
+    cand_v = image_features if candidate_images is None else candidate_images
+    positive = (image_features * text_features).sum(-1)  # (B,)
+    i2t_loss, i2t_neg, i2t_has = _vse_direction(image_features, cand_t, positive, same_image, margin, kind)
+    t2i_loss, t2i_neg, t2i_has = _vse_direction(text_features, cand_v, positive, same_image, margin, kind)
+    return VSEOutput(i2t_loss + t2i_loss, i2t_neg, t2i_neg, i2t_has, t2i_has)
 
 
 class VSELoss(nn.Module):
@@ -106,19 +108,19 @@ class VSELoss(nn.Module):
 def in_batch_loss(owner: VSELoss | FNELoss, image_features: Tensor, text_features: Tensor,
                   image_ids: Tensor, text_ids: Tensor, kind: str) -> tuple[Tensor, dict[str, Tensor]]:
     """VSE loss over the (optionally gathered) in-batch online features, with FN diagnostics."""
-    image_features, text_features = image_features.float(), text_features.float()
-    all_text, all_text_image_ids, all_text_ids = text_features, image_ids, text_ids
+    v, t = image_features.float(), text_features.float()
+    cand_v, cand_t, cand_image_ids, cand_text_ids = v, t, image_ids, text_ids
     if owner.gather_batch:
-        # Local rows keep their gradient, as in open_clip's ClipLoss(local_loss=False).
-        all_text = gather_with_local_grad(text_features)
-        all_text_image_ids, all_text_ids = gather_no_grad(image_ids), gather_no_grad(text_ids)
-    same_image = image_ids[:, None] == all_text_image_ids[None, :]  # (B, M)
-    out = vse_loss(image_features, all_text, same_image, owner.margin, kind)
+        # Other ranks' rows are constants, the local rows keep their gradient (open_clip's ClipLoss).
+        cand_v, cand_t = gather_with_local_grad(v), gather_with_local_grad(t)
+        cand_image_ids, cand_text_ids = gather_no_grad(image_ids), gather_no_grad(text_ids)
+    same_image = image_ids[:, None] == cand_image_ids[None, :]  # (B, M)
+    out = vse_loss(v, t, same_image, owner.margin, kind, candidate_images=cand_v, candidate_texts=cand_t)
     diagnostics: dict[str, Tensor] = {}
     if owner.positives.available:
         with torch.no_grad():
-            fn_i2t = owner.positives.contains(image_ids, all_text_ids[out.i2t_negative])
-            fn_t2i = owner.positives.contains(image_ids[out.t2i_negative], text_ids)
+            fn_i2t = owner.positives.contains(image_ids, cand_text_ids[out.i2t_negative])
+            fn_t2i = owner.positives.contains(cand_image_ids[out.t2i_negative], text_ids)
             rate = (_rate(fn_i2t, out.i2t_has) + _rate(fn_t2i, out.t2i_has)) / 2
             # Negatives of VSE losses are the hardest ones: both rates are the same number.
             diagnostics["sampled_fn_rate"] = rate
