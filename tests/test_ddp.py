@@ -22,11 +22,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from omegaconf import DictConfig, open_dict
 
-from conftest import TINY_OVERRIDES, compose_config
 from fne_lightning.components.bank import MemoryBank
 from fne_lightning.components.losses import FNELoss
 from fne_lightning.components.stats import SimilarityStats
 from fne_lightning.train import build
+
+from conftest import TINY_OVERRIDES, compose_config
 
 WORLD, B, D, K, STEPS = 2, 3, 8, 10, 5  # K = 10 is not a multiple of the global batch of 6
 
