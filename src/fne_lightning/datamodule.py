@@ -52,6 +52,10 @@ class CaptionDataModule(L.LightningDataModule):
             deterministic (evaluation; training without augmentation), after first use.
         augment: ``crop_scale``, ``hflip``, ``randaugment`` of the training transform.
         caption: ``lowercase``, ``strip_punctuation``, ``max_words`` of caption cleaning.
+        positives: extra-positives file ``{"<imgid>": [sentid, ...]}`` (FNE_SPEC section 10) for a
+            Karpathy JSON; default ``<annotations stem>.positives.json`` beside it, when it exists.
+        test_folds: also score the test split as this many consecutive equal folds, averaged
+            (COCO 1K = 5 folds of the 5K test set); None = the whole split only.
         image_config, tokenizer: supplied by the encoder at run time (size, normalisation, tokens).
     """
 
@@ -70,6 +74,8 @@ class CaptionDataModule(L.LightningDataModule):
         cache_inputs: bool = False,
         augment: Mapping[str, Any] | None = None,
         caption: Mapping[str, Any] | None = None,
+        positives: str | None = None,
+        test_folds: int | None = None,
         image_config: ImageConfig | Mapping[str, Any] | None = None,
         tokenizer: Callable | None = None,
     ) -> None:
@@ -79,6 +85,11 @@ class CaptionDataModule(L.LightningDataModule):
         check(isinstance(eval_batch_size, int) and eval_batch_size > 0, "data.eval_batch_size",
               "a positive integer", eval_batch_size)
         check(isinstance(num_workers, int) and num_workers >= 0, "data.num_workers", "an integer >= 0", num_workers)
+        check(positives is None or format == "karpathy", "data.positives",
+              "null for format=albef (a positives file indexes Karpathy imgid/sentid)", positives)
+        check(test_folds is None or (isinstance(test_folds, int) and not isinstance(test_folds, bool)
+                                     and test_folds >= 1), "data.test_folds", "null or a positive integer",
+              test_folds)
         self.root = root
         self.annotations = annotations
         self.image_root = image_root
@@ -92,6 +103,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.cache_inputs = cache_inputs
         self.augment = dict(augment or {})
         self.clean = partial(clean_caption, **dict(caption or {}))
+        self.positives = positives
+        self.test_folds = test_folds
         # Hydra's `_convert_: all` hands dataclass arguments over as dicts.
         self.image_config = ImageConfig(**image_config) if isinstance(image_config, Mapping) else image_config
         self.tokenizer = tokenizer
@@ -110,6 +123,8 @@ class CaptionDataModule(L.LightningDataModule):
             path = self._annotation_path(stage)
             if not path.is_file():
                 raise FNEError(f"data.annotations={str(path)!r}: annotation file not found")
+        if self.positives is not None and not Path(self.positives).is_file():
+            raise FNEError(f"data.positives={str(self.positives)!r}: file not found")
 
     # ----------------------------------------------------------------- reading
     def _annotation_path(self, stage: str) -> Path:
@@ -131,9 +146,13 @@ class CaptionDataModule(L.LightningDataModule):
             if self.format == "karpathy":
                 if stage not in self.splits:
                     raise FNEError(f"data.splits: no entry for stage {stage!r}")
-                split = load_karpathy(path, image_root, list(self.splits[stage]), stage, self.clean)
+                split = load_karpathy(path, image_root, list(self.splits[stage]), stage, self.clean,
+                                      positives=None if self.positives is None else Path(self.positives))
             else:
                 split = load_albef(path, image_root, stage, self.clean)
+            if stage == "test" and self.test_folds and split.num_images % self.test_folds:
+                raise FNEError(f"data.test_folds={self.test_folds}: expected a divisor of the "
+                               f"{split.num_images} test images")
             check_images_exist(split)
             self.data[stage] = split
         return self.data[stage]

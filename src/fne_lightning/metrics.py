@@ -153,8 +153,7 @@ class RetrievalMetric(Metric):
         getattr(self, f"{modality}_features").append(features.detach().float())
         getattr(self, f"{modality}_indices").append(indices.detach().to(features.device).long())
 
-    def compute(self) -> dict[str, float]:
-        """Deduplicate, order by dataset index and rank: see :func:`retrieval_scores`."""
+    def _features(self) -> tuple[Tensor, Tensor]:
         feats = {}
         for modality, expected in (("image", self.num_images), ("text", self.text_to_image.numel())):
             stored = getattr(self, f"{modality}_features")
@@ -163,6 +162,24 @@ class RetrievalMetric(Metric):
             feats[modality] = _unique_by_index(
                 dim_zero_cat(stored), dim_zero_cat(getattr(self, f"{modality}_indices")), expected, modality
             )
-        return retrieval_scores(
-            feats["image"], feats["text"], self.text_to_image, self.positive_pairs, chunk_size=self.chunk_size
-        )
+        return feats["image"], feats["text"]
+
+    def features(self) -> tuple[Tensor, Tensor]:
+        """The accumulated features, gathered across ranks, deduplicated and ordered by dataset
+        index: image_features (N_img, D) and text_features (N_txt, D), fp32; exactly what
+        ``compute()`` ranks (e.g. for the COCO 1K folds or for saving embeddings)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                               should_unsync=self._should_unsync):
+            return self._features()
+
+    def fold_scores(self, num_folds: int) -> dict[str, float]:
+        """:func:`coco_1k_scores` of the accumulated features: the mean over ``num_folds``
+        consecutive equal folds of the images (COCO 1K: 5 folds of the 5K test set)."""
+        images, texts = self.features()
+        return coco_1k_scores(images, texts, self.text_to_image, self.positive_pairs, num_folds,
+                              chunk_size=self.chunk_size)
+
+    def compute(self) -> dict[str, float]:
+        """Deduplicate, order by dataset index and rank: see :func:`retrieval_scores`."""
+        images, texts = self._features()
+        return retrieval_scores(images, texts, self.text_to_image, self.positive_pairs, chunk_size=self.chunk_size)

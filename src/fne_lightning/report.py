@@ -1,4 +1,5 @@
-"""Result tables: the standard retrieval table for the terminal and for markdown files."""
+"""Result tables: the standard retrieval table for the terminal and for markdown files, and the
+rich end-of-run summary (:func:`print_summary`)."""
 
 from __future__ import annotations
 
@@ -20,18 +21,20 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def table_rows(metrics: Mapping[str, float], prefix: str) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per direction) of the table for keys ``<prefix>/<dir>_<metric>``."""
+def table_rows(metrics: Mapping[str, float], prefix: str,
+               title: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per direction) of the table for keys ``<prefix>/<dir>_<metric>``;
+    the header's first cell is ``title`` (default: the prefix)."""
     multi = any(f"{prefix}/i2t_{k}" in metrics for k, _ in MULTI)
     columns = STANDARD + (MULTI if multi else ())
-    header = [prefix] + [name for _, name in columns]
+    header = [title or prefix] + [name for _, name in columns]
     rows = [[label] + [_fmt(metrics.get(f"{prefix}/{d}_{k}")) for k, _ in columns] for d, label in DIRECTIONS]
     return header, rows
 
 
-def format_table(metrics: Mapping[str, float], prefix: str = "test") -> str:
+def format_table(metrics: Mapping[str, float], prefix: str = "test", title: str | None = None) -> str:
     """Fixed-width table of i2t and t2i R@1/5/10, medr, meanr (and multi-positive metrics), plus rsum."""
-    header, rows = table_rows(metrics, prefix)
+    header, rows = table_rows(metrics, prefix, title)
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     line = lambda r: "  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
     out = [line(header), "-" * len(line(header))] + [line(r) for r in rows]
@@ -39,12 +42,59 @@ def format_table(metrics: Mapping[str, float], prefix: str = "test") -> str:
     return "\n".join(out)
 
 
-def format_markdown(metrics: Mapping[str, float], prefix: str = "test") -> str:
-    header, rows = table_rows(metrics, prefix)
+def format_markdown(metrics: Mapping[str, float], prefix: str = "test", title: str | None = None) -> str:
+    header, rows = table_rows(metrics, prefix, title)
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out.append(f"\nrsum: **{_fmt(metrics.get(f'{prefix}/rsum'))}**")
     return "\n".join(out) + "\n"
+
+
+# Training numbers shown by `print_summary` when present: (key, label, is a rate).
+RUN_KEYS = (("val/rsum_best", "best val rsum", False),
+            ("fne/sampled_fn_rate", "sampled negatives that truly match", True),
+            ("fne/hardest_fn_rate", "hardest negatives that truly match", True),
+            ("fne/flagged_rate", "candidates flagged as probable false negatives", True),
+            ("fne/cutdown_rate", "candidates cut down", True))
+
+
+def print_summary(metrics: Mapping[str, float], files: Mapping[str, object] | None = None,
+                  prefix: str | None = "test", title: str | None = None, console: object | None = None) -> None:
+    """Print a run's summary with rich: the retrieval table of ``prefix`` (the columns of
+    :func:`format_table`, then rsum), the training numbers of ``RUN_KEYS`` that ``metrics`` has
+    (last epoch's averages), and ``files`` (label -> path or command; None entries skipped).
+
+    ``console``: a ``rich.console.Console`` (default: stdout; when that is not a terminal, 160
+    columns wide so that no column is squeezed in logs).
+    """
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal and not console.is_jupyter:
+            console = Console(width=max(console.width, 160))
+    if prefix is not None and f"{prefix}/rsum" in metrics:
+        header, rows = table_rows(metrics, prefix, title)
+        table = Table(title=f"{title or prefix} results", title_justify="left",
+                      caption=f"rsum {_fmt(metrics.get(f'{prefix}/rsum'))}", caption_justify="left")
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    run = Table(show_header=False, box=None)
+    run.add_column(style="bold", no_wrap=True)
+    run.add_column(overflow="fold")
+    for key, label, rate in RUN_KEYS:
+        if key in metrics:
+            run.add_row(label, f"{100 * metrics[key]:.1f}%" if rate else _fmt(metrics[key]))
+    for label, value in (files or {}).items():
+        if value is not None:
+            run.add_row(label, Text(str(value)))  # Text: no markup or highlighting in paths
+    if run.row_count:
+        console.print(run)
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, object]) -> None:

@@ -10,8 +10,11 @@ errors answer quickly.
 from __future__ import annotations
 
 import logging
+import netrc
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +28,42 @@ def config_dir() -> str:
     """``conf/`` shipped inside the wheel, else the repository's (editable installs)."""
     packaged = Path(__file__).parent / "conf"
     return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
+
+
+def wandb_offline() -> bool:
+    """``logger=wandb`` runs offline unless the user is logged in to W&B.
+
+    Logged in: ``WANDB_API_KEY`` is set, or the netrc file (``$NETRC``, else ``~/.netrc``, where
+    ``wandb login`` writes) holds a key for the W&B host (``$WANDB_BASE_URL``, else
+    api.wandb.ai). ``WANDB_MODE=online`` / ``offline`` decides outright. Read from the
+    environment only: no network, no prompt, so a sweep never hangs on a login.
+    """
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("online", "run"):
+        return False
+    if mode in ("offline", "dryrun", "disabled"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is None
+    except (OSError, netrc.NetrcParseError):
+        return True
+
+
+def hydra_choice(group: str, default: str = "none") -> str:
+    """The option chosen for a config group (``experiment``, ``loss``), or ``default`` outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return default
+    return str(HydraConfig.get().runtime.choices.get(group) or default)
+
+
+# Used by conf/logger/wandb.yaml: ${wandb_offline:} and ${hydra_choice:experiment}.
+OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+OmegaConf.register_new_resolver("hydra_choice", hydra_choice, replace=True)
 
 
 def build(cfg: DictConfig) -> tuple[Any, Any]:
@@ -46,6 +85,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
         scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
         config=OmegaConf.to_container(cfg, resolve=True),
         seed=int(cfg.seed),
+        figures=OmegaConf.to_container(cfg.figures) if cfg.get("figures") else None,
     )
     return module, datamodule
 
@@ -60,17 +100,32 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test, write ``metrics.json``; returns the flat metrics."""
+    """Fit, test, write ``metrics.json``, print the summary; returns the flat metrics."""
     import lightning as L
-
-    from fne_lightning.report import format_table, write_json
 
     L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule = build(cfg)
     loggers = instantiate_all(cfg.get("logger"))
+    try:
+        return _fit_and_test(cfg, module, datamodule, loggers)
+    finally:
+        # A W&B run stays open until finished: the next job of an in-process sweep would reuse it.
+        if any(isinstance(lg, L.pytorch.loggers.WandbLogger) for lg in loggers):
+            import wandb
+
+            wandb.finish()
+
+
+def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[Any]) -> dict[str, float]:
+    import lightning as L
+
+    from fne_lightning.report import print_summary, write_json
+
     callbacks = instantiate_all(cfg.get("callbacks"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -91,9 +146,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         out_dir = Path(cfg.paths.output_dir)
         metrics_file = out_dir / "metrics.json"
         write_json(metrics_file, metrics)
-        if "test/rsum" in metrics:
-            print("\n" + format_table(metrics, "test"))
-        print(f"\nbest checkpoint: {best_path or '-'}\nmetrics: {metrics_file}")
+        files = {"run directory": out_dir, "best checkpoint": best_path or None, "metrics": metrics_file,
+                 "figures": out_dir / "figures" if (out_dir / "figures").is_dir() else None}
+        for lg in loggers:
+            if isinstance(lg, L.pytorch.loggers.WandbLogger):
+                run_dir = Path(lg.experiment.dir).parent  # .../wandb/<offline-run-...>/files
+                files["W&B run"] = run_dir
+                if lg.experiment.settings.mode in ("offline", "dryrun"):
+                    files["W&B upload"] = f"wandb sync {run_dir}"
+        print_summary(metrics, files, prefix="test" if "test/rsum" in metrics else None)
     return metrics
 
 

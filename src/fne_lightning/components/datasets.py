@@ -70,8 +70,12 @@ def _clean_all(captions: list[str], clean: Callable[[str], str], where: Sequence
 
 
 def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], name: str,
-                  clean: Callable[[str], str] = str) -> CaptionSplit:
-    """Read the images of ``splits`` (e.g. ``["train", "restval"]``) from a Karpathy JSON."""
+                  clean: Callable[[str], str] = str, positives: Path | None = None) -> CaptionSplit:
+    """Read the images of ``splits`` (e.g. ``["train", "restval"]``) from a Karpathy JSON.
+
+    ``positives``: the extra-positives file (``{"<imgid>": [sentid, ...]}``); by default
+    ``<annotations stem>.positives.json`` beside the JSON, when it exists.
+    """
     data = read_json(annotations, "data.annotations")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise FNEError(f"data.annotations={str(annotations)!r}: expected a Karpathy JSON object with "
@@ -102,15 +106,19 @@ def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], na
     if not paths:
         raise FNEError(f"data.annotations={str(annotations)!r}: no images in split(s) {list(splits)}")
     split = CaptionSplit(name, paths, _clean_all(captions, clean, where), np.asarray(t2i, np.int64), keys)
-    pos_file = annotations.with_name(annotations.stem + ".positives.json")
-    if pos_file.is_file():
-        split.positive_pairs = _positive_pairs(pos_file, keys, sentids)
+    if positives is not None:
+        split.positive_pairs = _positive_pairs(Path(positives), keys, sentids, "data.positives")
+    else:
+        pos_file = annotations.with_name(annotations.stem + ".positives.json")
+        if pos_file.is_file():
+            split.positive_pairs = _positive_pairs(pos_file, keys, sentids)
     return split
 
 
-def _positive_pairs(pos_file: Path, image_keys: list[str], sentids: list[int]) -> np.ndarray:
+def _positive_pairs(pos_file: Path, image_keys: list[str], sentids: list[int],
+                    key: str = "positives file") -> np.ndarray:
     """Map ``{"<imgid>": [sentid, ...]}`` onto (image index, caption index) pairs of a split."""
-    raw = read_json(pos_file, "positives file")
+    raw = read_json(pos_file, key)
     if not isinstance(raw, dict):
         raise FNEError(f"{pos_file}: expected an object {{'<imgid>': [sentid, ...]}}")
     image_index = {k: i for i, k in enumerate(image_keys)}

@@ -318,3 +318,30 @@ def retrieval_scores(
         out.update(i2t_pos.result("i2t"))
         out.update(t2i_pos.result("t2i"))
     return out
+
+
+@torch.inference_mode()
+def topk_neighbours(
+    query: Tensor, gallery: Tensor, k: int, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` best-scoring gallery items of every query (dot product), best first.
+
+    query (Q, D) and gallery (N, D) features. Returns scores (Q, k') fp32 and indices (Q, k')
+    int64 with ``k' = min(k, N)``. Queries are scored in chunks of at most ``chunk_size`` rows
+    (default: a chunk holds <= 2**28 scores), so the whole Q x N matrix never exists. The order
+    of exactly tied items is unspecified.
+    """
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"expected query (Q, D) and gallery (N, D), got {tuple(query.shape)} and "
+                         f"{tuple(gallery.shape)}")
+    rows = chunk_size if chunk_size is not None else max(1, CHUNK_ELEMENTS // max(gallery.shape[0], 1))
+    if rows < 1:
+        raise FNEError(f"chunk_size={chunk_size!r}: expected a positive number of queries")
+    k = min(int(k), gallery.shape[0])
+    scores = torch.empty(query.shape[0], k, device=query.device)
+    indices = torch.empty(query.shape[0], k, dtype=torch.long, device=query.device)
+    gallery = gallery.float()
+    for a, b in _row_bounds(query.shape[0], rows):
+        top = torch.topk(query[a:b].float() @ gallery.T, k, dim=1)  # (C, k) of the (C, N) chunk
+        scores[a:b], indices[a:b] = top.values, top.indices
+    return scores, indices

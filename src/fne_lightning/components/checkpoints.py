@@ -1,0 +1,54 @@
+"""Reading checkpoints safely, and saying precisely why one does not fit a model.
+
+``torch.load(weights_only=True)`` refuses pickled code, so a checkpoint from the internet
+cannot run anything on load; files that need full unpickling are refused with one line
+unless the user explicitly trusts them (``trust_checkpoint=true``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fne_lightning.errors import FNEError
+
+
+def load_checkpoint(path: Path, trust: bool, key: str = "ckpt_path") -> dict[str, Any]:
+    """``torch.load`` on the CPU, refusing pickled code unless ``trust``; one clear line on failure."""
+    if not path.is_file():
+        raise FNEError(f"{key}={str(path)!r}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as err:  # torch.load fails in many ways (KeyError, EOFError, ...) on a bad file
+        text = str(err)
+        if not trust and "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \S+", text)
+            reason = found.group(0) if found else "it holds more than tensors and plain containers"
+            raise FNEError(f"{key}={str(path)!r}: refused by torch.load(weights_only=True) ({reason}); "
+                           "if you trust this file, pass trust_checkpoint=true") from None
+        first = type(err).__name__ + (": " + text.strip().splitlines()[0][:200] if text.strip() else "")
+        raise FNEError(f"{key}={str(path)!r}: not a readable PyTorch checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or not any(
+        k.startswith("encoder.") for k in ckpt["state_dict"]
+    ):
+        raise FNEError(f"{key}={str(path)!r}: not a checkpoint of fne_lightning.train (no encoder.* weights "
+                       "in its state_dict); for open_clip weights use model=<config> model.pretrained=<file>")
+    return ckpt
+
+
+def state_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> str | None:
+    """The first difference between two state dicts (missing/unexpected key, shape), or None."""
+    for key in sorted(set(expected) | set(found)):
+        if key not in expected:
+            return f"checkpoint weight {key!r} is not in the model"
+        if key not in found:
+            return f"model weight {key!r} is not in the checkpoint"
+        if tuple(found[key].shape) != tuple(expected[key].shape):
+            return (f"weight {key!r} has shape {tuple(found[key].shape)} in the checkpoint, "
+                    f"{tuple(expected[key].shape)} in the model")
+    return None
