@@ -134,3 +134,15 @@ def test_batch_size_must_be_positive() -> None:
 def test_positive_pairs_are_int64(karpathy: Path) -> None:
     split = load_karpathy(karpathy, karpathy.parent, ["train"], "train")
     assert split.positive_pairs.dtype == np.int64
+
+
+def test_on_bad_image_skip_drops_bad_images_with_their_captions(karpathy: Path, caplog) -> None:
+    (karpathy.parent / "imgs" / "1.jpg").write_text("not a picture")
+    dm = CaptionDataModule(root=str(karpathy.parent), annotations=str(karpathy), on_bad_image="skip")
+    with caplog.at_level("WARNING"):
+        train = dm.load_split("train")
+    # Image 1 (3 captions) is gone; images 0 and 4 (restval) remain, indices renumbered.
+    assert train.num_images == 2 and train.text_to_image.tolist() == [0, 1, 1]
+    assert train.image_paths[1].endswith("4.jpg") and train.captions[1].startswith("a photo number 4")
+    assert {tuple(p) for p in train.positive_pairs.tolist()} == {(0, 0)}
+    assert "1.jpg: not an image" in caplog.text and "skipped 1 of 3 train images" in caplog.text

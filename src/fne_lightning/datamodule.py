@@ -27,11 +27,12 @@ from fne_lightning.components.datasets import (
     IndexedDataset,
     PairDataset,
     TextInputs,
-    check_images_exist,
+    check_images,
     load_albef,
     load_karpathy,
 )
 from fne_lightning.components.encoders import ImageConfig
+from fne_lightning.components.samplers import ResumableLoader, ResumableSampler
 from fne_lightning.components.synthetic import build_synthetic
 from fne_lightning.components.transforms import build_transform
 from fne_lightning.errors import FNEError, check
@@ -56,6 +57,11 @@ class CaptionDataModule(L.LightningDataModule):
             Karpathy JSON; default ``<annotations stem>.positives.json`` beside it, when it exists.
         test_folds: also score the test split as this many consecutive equal folds, averaged
             (COCO 1K = 5 folds of the 5K test set); None = the whole split only.
+        on_bad_image: every image is checked at set-up (missing, not an image, truncated):
+            ``error`` stops with the first bad file named; ``skip`` drops bad images with their
+            captions, logging each and the count.
+        shuffle_seed: training order of epoch e is a function of (shuffle_seed, e) only (the
+            run's ``seed``), which makes resuming from a checkpoint exact, mid-epoch included.
         image_config, tokenizer: supplied by the encoder at run time (size, normalisation, tokens).
     """
 
@@ -76,6 +82,8 @@ class CaptionDataModule(L.LightningDataModule):
         caption: Mapping[str, Any] | None = None,
         positives: str | None = None,
         test_folds: int | None = None,
+        on_bad_image: str = "error",
+        shuffle_seed: int = 0,
         image_config: ImageConfig | Mapping[str, Any] | None = None,
         tokenizer: Callable | None = None,
     ) -> None:
@@ -105,6 +113,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.clean = partial(clean_caption, **dict(caption or {}))
         self.positives = positives
         self.test_folds = test_folds
+        check(on_bad_image in ("error", "skip"), "data.on_bad_image", "error or skip", on_bad_image)
+        self.on_bad_image = on_bad_image
+        self.shuffle_seed = shuffle_seed
         # Hydra's `_convert_: all` hands dataclass arguments over as dicts.
         self.image_config = ImageConfig(**image_config) if isinstance(image_config, Mapping) else image_config
         self.tokenizer = tokenizer
@@ -125,6 +136,11 @@ class CaptionDataModule(L.LightningDataModule):
                 raise FNEError(f"data.annotations={str(path)!r}: annotation file not found")
         if self.positives is not None and not Path(self.positives).is_file():
             raise FNEError(f"data.positives={str(self.positives)!r}: file not found")
+
+    def load_all(self) -> None:
+        """Parse every split and check its images now, so bad data fails before a model is built."""
+        for stage in STAGES:
+            self.load_split(stage)
 
     # ----------------------------------------------------------------- reading
     def _annotation_path(self, stage: str) -> Path:
@@ -150,10 +166,10 @@ class CaptionDataModule(L.LightningDataModule):
                                       positives=None if self.positives is None else Path(self.positives))
             else:
                 split = load_albef(path, image_root, stage, self.clean)
+            split = check_images(split, self.on_bad_image)
             if stage == "test" and self.test_folds and split.num_images % self.test_folds:
                 raise FNEError(f"data.test_folds={self.test_folds}: expected a divisor of the "
                                f"{split.num_images} test images")
-            check_images_exist(split)
             self.data[stage] = split
         return self.data[stage]
 
@@ -170,13 +186,10 @@ class CaptionDataModule(L.LightningDataModule):
         return self._images[stage]
 
     # ------------------------------------------------------------- dataloaders
-    def _loader(self, dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
-            # Full batches only: every DDP rank then gathers same-shaped features into the bank.
-            drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -195,7 +208,18 @@ class CaptionDataModule(L.LightningDataModule):
         transform = build_transform(self.image_config, train=augmented, **self.augment)
         images = ImageInputs(self._store("train"), transform, cache=self.cache_inputs and not augmented)
         texts = TextInputs(split.captions, self.tokenizer, cache=self.cache_inputs)
-        return self._loader(PairDataset(split.text_to_image, images, texts), self.batch_size, train=True)
+        dataset = PairDataset(split.text_to_image, images, texts)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # Sharded over ranks and shuffled from (seed, epoch); Lightning keeps it under DDP.
+        sampler = ResumableSampler(dataset, self.batch_size, num_replicas=world, rank=rank, seed=self.shuffle_seed)
+        return ResumableLoader(dataset, sampler, progress=self._train_progress, num_workers=self.num_workers,
+                               pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(epoch, batches trained in it), what a checkpoint must remember to resume mid-epoch."""
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
         split = self.load_split(stage)
@@ -203,8 +227,8 @@ class CaptionDataModule(L.LightningDataModule):
         images = ImageInputs(self._store(stage), transform, cache=self.cache_inputs)
         texts = TextInputs(split.captions, self.tokenizer, cache=self.cache_inputs)
         return [
-            self._loader(IndexedDataset(images), self.eval_batch_size, train=False),
-            self._loader(IndexedDataset(texts), self.eval_batch_size, train=False),
+            self._loader(IndexedDataset(images), self.eval_batch_size),
+            self._loader(IndexedDataset(texts), self.eval_batch_size),
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -234,6 +258,9 @@ class SyntheticDataModule(CaptionDataModule):
 
     def check_paths(self) -> None:
         """Nothing to check: the benchmark is rendered on first use."""
+
+    def load_all(self) -> None:
+        """Nothing to check early: rendered by rank 0 in prepare_data, known to be well formed."""
 
     def prepare_data(self) -> None:
         self._build()  # rank 0 renders; the write is atomic, so other ranks never see half a dataset

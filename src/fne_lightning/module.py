@@ -10,19 +10,24 @@ the bank right after the loss, so the next step sees them.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from fne_lightning.components.datasets import positive_pairs_tensor
+from fne_lightning.components.distributed import any_rank
 from fne_lightning.components.encoders import DualEncoder, ema_update, momentum_copy
 from fne_lightning.components.plots import SimilarityReservoir
-from fne_lightning.errors import check
+from fne_lightning.errors import FNEError, check
 from fne_lightning.metrics import RetrievalMetric
 
 
@@ -40,12 +45,19 @@ class RetrievalModule(L.LightningModule):
             ``figures``): at the end of validation epochs, similarity histograms with the fitted
             Gaussians, p_fn and the cut-down, and retrieval examples (see ``_log_figures``).
             None or ``enabled: false``: no figures.
+        nonfinite: what a non-finite loss or feature does: ``stop`` the run with a message naming
+            the step (the last good checkpoint is kept), or ``skip`` the batch before it touches
+            the bank, the statistics or the weights (counted in ``train/skipped_batches``).
     """
 
     def __init__(self, encoder: DualEncoder, loss: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, config: dict | None = None, seed: int = 0,
-                 figures: Mapping[str, Any] | None = None) -> None:
+                 figures: Mapping[str, Any] | None = None, nonfinite: str = "stop") -> None:
         super().__init__()
+        check(nonfinite in ("stop", "skip"), "nonfinite", "stop or skip", nonfinite)
+        self.nonfinite = nonfinite
+        self.skipped_batches = 0
+        self._stats_epoch = -1  # the epoch the similarity statistics were last reset for
         self.save_hyperparameters(config or {})
         self.encoder = encoder
         self.loss = loss
@@ -91,12 +103,34 @@ class RetrievalModule(L.LightningModule):
             self.loss.generator = gen
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What the state_dict does not hold but an exact resume needs: the random streams
+        # (negative sampling, and the global ones augmentation in the main process draws from)
+        # and the epoch the statistics belong to. Tensors and plain types only (weights_only).
         gen = getattr(self.loss, "generator", None)
         if gen is not None:
             checkpoint["sampler_generator"] = gen.get_state()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(),
+        }
+        checkpoint["fne_state"] = {"stats_epoch": self._stats_epoch, "skipped_batches": self.skipped_batches}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._generator_state = checkpoint.get("sampler_generator")
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(_as_tuples(rng["python"]))
+        state = checkpoint.get("fne_state", {})
+        self._stats_epoch = state.get("stats_epoch", -1)
+        self.skipped_batches = state.get("skipped_batches", 0)
 
     def configure_optimizers(self) -> Any:
         # Only the online towers: the momentum copy and the loss's buffers are not trained.
@@ -113,12 +147,15 @@ class RetrievalModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         stats = getattr(self.loss, "stats", None)
-        if stats is not None and getattr(self.loss, "reset_stats_every_epoch", False):
+        # Reset at the start of an epoch, not when a run resumes in the middle of one.
+        fresh_epoch = self._stats_epoch != self.current_epoch
+        self._stats_epoch = self.current_epoch
+        if stats is not None and getattr(self.loss, "reset_stats_every_epoch", False) and fresh_epoch:
             stats.reset()
         if self.similarity_samples is not None:
             self.similarity_samples.reset()  # the figure shows this epoch's samples
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, tokens, image_ids, text_ids = batch
         image_features = self.encoder.encode_image(images)  # (B, D)
         text_features = self.encoder.encode_text(tokens)  # (B, D)
@@ -129,8 +166,14 @@ class RetrievalModule(L.LightningModule):
                     "momentum_image_features": self.momentum_encoder.encode_image(images),
                     "momentum_text_features": self.momentum_encoder.encode_text(tokens),
                 }
+        # Checked before the loss, which writes the bank and the statistics: a bad batch must not
+        # poison them. One host sync per step (two with the loss check below).
+        if not self._finite([image_features, text_features, *momentum.values()], "features"):
+            return None
         loss, diagnostics = self.loss(image_features, text_features, image_ids, text_ids,
                                       warmup=self.in_warmup(), **momentum)
+        if not self._finite([loss], "loss"):
+            return None
         if self.similarity_samples is not None:
             self.similarity_samples.add(image_features, text_features, image_ids)
         batch_size = images.shape[0]
@@ -138,6 +181,21 @@ class RetrievalModule(L.LightningModule):
         self.log_dict({f"fne/{k}": v for k, v in diagnostics.items()}, on_step=True, on_epoch=True,
                       batch_size=batch_size)
         return loss
+
+    def _finite(self, tensors: list[Tensor], what: str) -> bool:
+        """True if all ``tensors`` are finite on every rank; else stop the run or skip the batch."""
+        bad = torch.stack([~torch.isfinite(t.detach().float()).all() for t in tensors]).any()
+        if not bool(any_rank(bad)):  # every rank takes the same decision
+            return True
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {self.trainer.fit_loop.batch_idx})"
+        if self.nonfinite == "stop":
+            raise FNEError(f"non-finite {what} at {where}: training stopped (nonfinite=stop); the last good "
+                           f"checkpoint is kept in {self.trainer.default_root_dir}/checkpoints, or pass "
+                           "nonfinite=skip to drop such batches")
+        self.skipped_batches += 1
+        rank_zero_warn(f"non-finite {what} at {where}: batch skipped ({self.skipped_batches} so far)")
+        self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+        return False
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -243,3 +301,37 @@ class RetrievalModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_metric, "test")
+
+
+def _as_tuples(value: Any) -> Any:
+    """Python's random state, whose tuples a checkpoint round trip may have turned into lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``: every ``every_n_train_steps`` steps, at the end of training, and when SIGTERM
+    (what SLURM sends before a preemption) or Ctrl-C stops a run, after the batch in flight.
+
+    Never after an error: a failed or non-finite step must not overwrite the last good state.
+    Lightning writes checkpoints atomically (a temporary file, then a rename), so a crash while
+    writing leaves the previous ``last.ckpt`` intact.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 500) -> None:
+        check(every_n_train_steps >= 1, "checkpoint.every_n_steps", "an integer >= 1", every_n_train_steps)
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
+                         enable_version_counter=False)
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Lightning's own rule skips the final save when an earlier periodic one happened.
+        if self._last_global_step_saved != trainer.global_step:
+            trainer.save_checkpoint(self.last_path)
+            self._last_global_step_saved = trainer.global_step
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.last_path)

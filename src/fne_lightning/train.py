@@ -72,8 +72,9 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
 
     from fne_lightning.module import RetrievalModule
 
-    datamodule = instantiate(cfg.data)
-    datamodule.check_paths()  # missing data fails before a large model is built
+    datamodule = instantiate(cfg.data, shuffle_seed=int(cfg.seed))
+    datamodule.check_paths()  # missing or broken data fails before a large model is built
+    datamodule.load_all()
     encoder = instantiate(cfg.model)
     datamodule.use_encoder(encoder.image_config, encoder.tokenizer)
     loss = instantiate(cfg.loss, embed_dim=encoder.embed_dim)
@@ -86,8 +87,26 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
         config=OmegaConf.to_container(cfg, resolve=True),
         seed=int(cfg.seed),
         figures=OmegaConf.to_container(cfg.figures) if cfg.get("figures") else None,
+        nonfinite=cfg.get("nonfinite", "stop"),
     )
     return module, datamodule
+
+
+def check_resume(cfg: DictConfig, module: Any) -> Path | None:
+    """The checkpoint to resume from, after checking it loads safely and fits the configured model."""
+    from fne_lightning.components.checkpoints import load_checkpoint, state_mismatch
+    from fne_lightning.errors import FNEError
+
+    if not cfg.get("ckpt_path"):
+        return None
+    path = Path(os.path.expanduser(str(cfg.ckpt_path))).absolute()
+    ckpt = load_checkpoint(path, bool(cfg.get("trust_checkpoint", False)))
+    problem = state_mismatch(module.state_dict(), ckpt["state_dict"])
+    if problem:
+        trained = (ckpt.get("hyper_parameters") or {}).get("model", {}).get("name")
+        raise FNEError(f"ckpt_path={str(cfg.ckpt_path)!r}: does not fit this run's model (checkpoint trained with "
+                       f"model.name={trained!r}, this run model.name={cfg.model.name!r}): {problem}")
+    return path
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -128,12 +147,24 @@ def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[A
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    resume = check_resume(cfg, module)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume,
+                    weights_only=not bool(cfg.get("trust_checkpoint", False)))
+    except SIGTERMException:
+        # Lightning stops after the batch in flight; LastCheckpoint has written last.ckpt.
+        if trainer.is_global_zero:
+            last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+            print(f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={last}", flush=True)
+        raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a terminated job
     metrics: dict[str, float] = {}
     # Last epoch's averages of the training diagnostics (logged per step as fne/<name>).
     for key, value in trainer.callback_metrics.items():
         if key.startswith(("fne/", "train/")) and key.endswith("_epoch"):
             metrics[key.removesuffix("_epoch")] = float(value)
+    metrics["train/skipped_batches"] = float(module.skipped_batches)  # nonfinite=skip
     ckpt = trainer.checkpoint_callback
     best_path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
     if ckpt is not None and ckpt.best_model_score is not None:

@@ -16,18 +16,22 @@ caption to its image: nothing assumes five captions per image.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from fne_lightning.errors import FNEError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,12 +159,69 @@ def load_albef(annotations: Path, image_root: Path, name: str,
     return CaptionSplit(name, paths, _clean_all(captions, clean, where), np.asarray(t2i, np.int64), keys)
 
 
-def check_images_exist(split: CaptionSplit) -> None:
-    """Fail before training when image files are missing (a stat per file, no decoding)."""
-    missing = [p for p in split.image_paths if not os.path.isfile(p)]
-    if missing:
-        raise FNEError(f"image file not found: {missing[0]} ({len(missing)} of {split.num_images} "
-                       f"{split.name} images missing; check data.root / data.image_root)")
+def image_problem(path: str) -> str | None:
+    """Why ``path`` is not a usable image (missing, not an image, truncated), or None.
+
+    Cheap enough for every image at set-up (a header parse and a look at the file's end):
+    JPEG and PNG files cut short lack their end marker, which is the common truncation.
+    A file that still fails to decode later raises :class:`FNEError` naming it.
+    """
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+    except FileNotFoundError:
+        return "file not found"
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"unreadable image ({err})"
+    marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt or "")
+    if marker:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 1024))
+            if marker not in f.read():
+                return f"truncated {fmt} (no end marker)"
+    return None
+
+
+def check_images(split: CaptionSplit, on_bad_image: str = "error", workers: int = 8) -> CaptionSplit:
+    """Check every image of ``split`` before training (threads: the work is I/O).
+
+    ``on_bad_image="error"``: one error naming the first bad file and the count.
+    ``"skip"``: log each bad file, drop it with its captions (and positives), log the count.
+    """
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(pool.map(image_problem, split.image_paths))
+    bad = [i for i, p in enumerate(problems) if p]
+    if not bad:
+        return split
+    first = split.image_paths[bad[0]]
+    if on_bad_image == "error":
+        raise FNEError(f"{first}: {problems[bad[0]]} ({len(bad)} of {split.num_images} {split.name} images are "
+                       "missing or unreadable; check data.root / data.image_root, or data.on_bad_image=skip)")
+    for i in bad:
+        log.warning("skipping %s image %s: %s", split.name, split.image_paths[i], problems[i])
+    log.warning("skipped %d of %d %s images (data.on_bad_image=skip)", len(bad), split.num_images, split.name)
+    return drop_images(split, set(bad))
+
+
+def drop_images(split: CaptionSplit, drop: set[int]) -> CaptionSplit:
+    """``split`` without the images ``drop`` and their captions, indices renumbered."""
+    keep = [i for i in range(split.num_images) if i not in drop]
+    if not keep:
+        raise FNEError(f"data.on_bad_image=skip: no readable {split.name} image is left")
+    new_image = np.full(split.num_images, -1, np.int64)
+    new_image[keep] = np.arange(len(keep))
+    kept_text = np.flatnonzero(new_image[split.text_to_image] >= 0)
+    new_text = np.full(split.num_texts, -1, np.int64)
+    new_text[kept_text] = np.arange(len(kept_text))
+    pairs = split.positive_pairs
+    if pairs is not None:
+        pairs = np.stack([new_image[pairs[:, 0]], new_text[pairs[:, 1]]], 1)
+        pairs = pairs[(pairs >= 0).all(1)]
+    return CaptionSplit(split.name, [split.image_paths[i] for i in keep], [split.captions[j] for j in kept_text],
+                        new_image[split.text_to_image[kept_text]],
+                        [split.image_keys[i] for i in keep] if split.image_keys else [], pairs)
 
 
 class ImageStore:
@@ -172,8 +233,11 @@ class ImageStore:
 
     @staticmethod
     def _open(path: str) -> Image.Image:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's decode errors, incl. truncation
+            raise FNEError(f"{path}: cannot decode image ({err})") from None
 
     def __getitem__(self, i: int) -> Image.Image:
         return self.cache[i] if self.cache is not None else self._open(self.paths[i])

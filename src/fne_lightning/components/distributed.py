@@ -60,3 +60,13 @@ def gather_with_local_grad(tensor: Tensor) -> Tensor:
     dist.all_gather(parts, tensor.detach().contiguous())
     parts[dist.get_rank()] = tensor
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def any_rank(flag: Tensor) -> Tensor:
+    """True on every rank if ``flag`` (a bool scalar) is True on any rank; identity in one process."""
+    if not is_distributed():
+        return flag
+    value = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value[0].bool()

@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,15 @@ class ImageConfig:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+
+def _file_error(path: str, err: BaseException) -> str:
+    text = str(err)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return (f"model.pretrained={path!r}: refused by torch.load(weights_only=True) (the file holds pickled "
+                "objects beyond tensors); if you trust it, pass model.trust_pretrained=true")
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+    return f"model.pretrained={path!r}: not weights of this model ({first})"
 
 
 def _weights_error(name: str, pretrained: str | None, model_cfg: dict, cache_dir: str | None) -> str:
@@ -67,6 +77,8 @@ class DualEncoder(nn.Module):
         image_size: override the input resolution of the image tower.
         image_mean, image_std: override the normalisation open_clip reports for the image tower
             (timm towers without an open_clip tag default to OpenAI's statistics).
+        trust_pretrained: load a ``pretrained`` file that ``torch.load(weights_only=True)`` refuses
+            (it would run code pickled in the file: only for files you trust).
     """
 
     def __init__(
@@ -79,6 +91,7 @@ class DualEncoder(nn.Module):
         image_size: int | None = None,
         image_mean: tuple[float, float, float] | None = None,
         image_std: tuple[float, float, float] | None = None,
+        trust_pretrained: bool = False,
     ) -> None:
         super().__init__()
         check(name in open_clip.list_models(), "model.name", "an open_clip architecture "
@@ -105,11 +118,14 @@ class DualEncoder(nn.Module):
                 cache_dir=cache_dir,
                 force_context_length=context_length,
                 force_image_size=image_size,
+                weights_only=not trust_pretrained,
             )
-        except (RuntimeError, OSError, ValueError) as err:
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as err:
             # Download failures surface as RuntimeError (open_clip) or OSError (HF hub/timm).
             if not (pretrained or pretrained_towers or hf_text):
                 raise
+            if pretrained and os.path.isfile(pretrained):
+                raise FNEError(_file_error(pretrained, err)) from err
             raise FNEError(_weights_error(name, pretrained, model_cfg, cache_dir)) from err
         finally:
             logging.disable(logging.NOTSET)

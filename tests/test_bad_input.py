@@ -1,0 +1,168 @@
+"""Bad input through the real entry point: one clear line naming the culprit, non-zero exit, no traceback.
+
+Every case runs ``python -m fne_lightning.train`` in a subprocess on files the fixture writes
+(a small Karpathy dataset with real JPEGs, and broken variants of it). The subprocesses run
+concurrently to keep the suite fast; each case is checked by its own test.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_OVERRIDES, compose_config
+
+TINY = [o for o in TINY_OVERRIDES if not o.startswith("data.num_")]
+
+
+def write_dataset(root: Path, mutate=None) -> Path:
+    """Karpathy JSON + JPEGs: 4 train, 2 val, 2 test images, 2 captions each."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    images, sentid = [], 0
+    for i, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2):
+        Image.new("RGB", (24, 24), (30 * i, 90, 160)).save(root / "img" / f"{i}.jpg", format="JPEG")
+        sentences = [{"raw": f"a photo number {i} {k}", "sentid": sentid + k} for k in range(2)]
+        sentid += 2
+        images.append({"imgid": i, "split": split, "filename": f"{i}.jpg", "filepath": "img", "sentences": sentences})
+    data = {"images": images}
+    if mutate:
+        data = mutate(data, root)
+    path = root / "dataset.json"
+    if data is not None:
+        path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+def truncate(data: dict, root: Path) -> dict:
+    # A larger, noisy picture so the cut falls in the image data, after the JPEG header.
+    noise = torch.randint(0, 255, (96, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(root / "img" / "5.jpg", format="JPEG")
+    raw = (root / "img" / "5.jpg").read_bytes()
+    (root / "img" / "5.jpg").write_bytes(raw[: len(raw) * 2 // 3])
+    return data
+
+
+def not_an_image(data: dict, root: Path) -> dict:
+    (root / "img" / "6.jpg").write_text("this is not a picture")
+    return data
+
+
+def remove_image(data: dict, root: Path) -> dict:
+    (root / "img" / "2.jpg").unlink()
+    return data
+
+
+def edit(fn):
+    def mutate(data: dict, root: Path) -> dict:
+        fn(data)
+        return data
+    return mutate
+
+
+DATA_CASES = {
+    "malformed_json": (lambda d, r: "{'images': [", "not valid JSON"),
+    "missing_keys": (lambda d, r: {"pictures": d["images"]}, "'images' list"),
+    "missing_split": (edit(lambda d: [im.update(split="train") for im in d["images"] if im["split"] == "val"]),
+                      "no images in split(s) ['val']"),
+    "image_missing": (remove_image, "2.jpg: file not found"),
+    "image_truncated": (truncate, "5.jpg: truncated JPEG"),
+    "not_an_image": (not_an_image, "6.jpg: not an image"),
+    "empty_caption": (edit(lambda d: d["images"][1]["sentences"][0].update(raw=" ?!. ")),
+                      "is empty after preprocessing"),
+    "no_captions": (edit(lambda d: d["images"][0].update(sentences=[])), "has no captions"),
+}
+CONFIG_CASES = {
+    "bank_size": (["loss.memory_size=-1"], "loss.memory_size=-1"),
+    "momentum": (["loss.momentum=1.5"], "loss.momentum=1.5"),
+    "match_prior": (["loss.match_prior=0"], "loss.match_prior=0"),
+    "tau": (["loss.tau=0"], "loss.tau=0"),
+    "margin": (["loss.margin=-0.1"], "loss.margin=-0.1"),
+    "cutdown": (["loss.cutdown=-0.1"], "loss.cutdown=-0.1"),
+    "batch_size": (["data.batch_size=0"], "data.batch_size=0"),
+    "on_bad_image": (["data.on_bad_image=ignore"], "data.on_bad_image='ignore'"),
+    "model_name": (["model.name=ViT-Q-99"], "model.name='ViT-Q-99'"),
+    "weights_offline": (["model=clip_vit_b32"], "could not load pretrained weights 'openai'"),
+    "missing_checkpoint": (["ckpt_path=/no/such/last.ckpt"], "ckpt_path='/no/such/last.ckpt': file not found"),
+}
+HYDRA_CASES = {"unknown_model": "model=nope", "unknown_loss": "loss=nope", "unknown_data": "data=nope"}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, subprocess.CompletedProcess]:
+    base = tmp_path_factory.mktemp("bad_input")
+    jobs: dict[str, list[str]] = {}
+    for name, (mutate, _) in DATA_CASES.items():
+        ann = write_dataset(base / name, mutate)
+        jobs[name] = ["data=karpathy", f"data.root={base / name}", f"data.annotations={ann}", "data.num_workers=0",
+                      "data.batch_size=2", "data.eval_batch_size=2", "data.pin_memory=false"]
+    good = write_dataset(base / "good")
+    data = ["data=karpathy", f"data.root={base / 'good'}", f"data.annotations={good}", "data.num_workers=0",
+            "data.batch_size=2", "data.pin_memory=false"]
+    jobs["data_root"] = ["data=karpathy", "data.root=/no/such/dir", "data.annotations=/no/such/dir/d.json"]
+    jobs["annotation_file"] = ["data=karpathy", f"data.root={base / 'good'}", f"data.annotations={base / 'nope.json'}"]
+    for name, (args, _) in CONFIG_CASES.items():
+        jobs[name] = [*args, *(data if not args[0].startswith("data.") else [])]
+    # A checkpoint of a model of another shape, and files that need pickled code to load.
+    other = compose_config([*TINY_OVERRIDES, "model.context_length=16", f"paths.output_dir={base}"], cache_dir)
+    from fne_lightning.train import build
+
+    module, _ = build(other)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"model": {"name": "fne-tiny"}}},
+               base / "other.ckpt")
+    code = functools.partial(print, "pickled code")  # not allowed by torch.load(weights_only=True)
+    torch.save({"state_dict": {"encoder.x": torch.zeros(1)}, "code": code}, base / "evil.ckpt")
+    torch.save({"x": code}, base / "evil.pt")
+    jobs["checkpoint_shape"] = [f"ckpt_path={base / 'other.ckpt'}", f"paths.cache_dir={cache_dir}"]
+    jobs["untrusted_checkpoint"] = [f"ckpt_path={base / 'evil.ckpt'}", f"paths.cache_dir={cache_dir}"]
+    jobs["untrusted_pretrained"] = [f"model.pretrained={base / 'evil.pt'}", f"paths.cache_dir={cache_dir}"]
+    for name, arg in HYDRA_CASES.items():
+        jobs[name] = [arg]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1"}
+
+    def launch(item: tuple[str, list[str]]) -> tuple[str, subprocess.CompletedProcess]:
+        name, args = item
+        cmd = [sys.executable, "-m", "fne_lightning.train", *TINY, *args, f"hydra.run.dir={base / 'runs' / name}"]
+        return name, subprocess.run(cmd, cwd=base, env=env, capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(launch, jobs.items()))
+
+
+EXPECTED = {
+    **{name: culprit for name, (_, culprit) in DATA_CASES.items()},
+    **{name: culprit for name, (_, culprit) in CONFIG_CASES.items()},
+    "data_root": "data.root='/no/such/dir': directory not found",
+    "annotation_file": "nope.json': annotation file not found",
+    "checkpoint_shape": "does not fit this run's model",
+    "untrusted_checkpoint": "refused by torch.load(weights_only=True)",
+    "untrusted_pretrained": "model.trust_pretrained=true",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_one_clear_error_line(outcomes: dict[str, subprocess.CompletedProcess], case: str) -> None:
+    proc = outcomes[case]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and EXPECTED[case] in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (Path(proc.args[-1].split("=", 1)[1]) / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("case", sorted(HYDRA_CASES))
+def test_unknown_group_option_is_named_by_hydra(outcomes: dict[str, subprocess.CompletedProcess], case: str) -> None:
+    proc = outcomes[case]
+    group, option = HYDRA_CASES[case].split("=")
+    assert proc.returncode != 0 and f"Could not find '{group}/{option}'" in proc.stderr
+    assert "Traceback" not in proc.stderr
