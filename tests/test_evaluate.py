@@ -230,3 +230,14 @@ def test_evaluate_config_composes_without_data_or_model(tmp_path: Path) -> None:
     cfg = compose_eval(["model=clip_vit_b32", "data=coco"], tmp_path)
     assert cfg.model.name == "ViT-B-32-quickgelu" and cfg.data.test_folds == 5
     assert OmegaConf.select(cfg, "data.positives", default="absent") is None
+
+
+def test_zero_shot_evaluates_an_open_clip_model_without_a_checkpoint(tiny_karpathy: Path, tmp_path: Path) -> None:
+    # model= and data= without ckpt_path: the open_clip model as it is (here the tiny config,
+    # random init; with model=clip_vit_b32 the same path loads OpenAI's weights).
+    root = tiny_karpathy.parent
+    metrics = evaluate(compose_eval(["model=tiny", "data=karpathy", f"data.root={root}",
+                                     f"data.annotations={tiny_karpathy}", "data.num_workers=0",
+                                     "data.pin_memory=false"], tmp_path))
+    assert {"test/i2t_r1", "test/t2i_medr", "test/rsum"} <= metrics.keys()
+    assert "zero-shot, model `fne-tiny`" in (tmp_path / "metrics.md").read_text()
