@@ -124,6 +124,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[
     jobs["checkpoint_shape"] = [f"ckpt_path={base / 'other.ckpt'}", f"paths.cache_dir={cache_dir}"]
     jobs["untrusted_checkpoint"] = [f"ckpt_path={base / 'evil.ckpt'}", f"paths.cache_dir={cache_dir}"]
     jobs["untrusted_pretrained"] = [f"model.pretrained={base / 'evil.pt'}", f"paths.cache_dir={cache_dir}"]
+    jobs["synthetic_root"] = ["+data.root=/data/flickr30k"]
     for name, arg in HYDRA_CASES.items():
         jobs[name] = [arg]
 
@@ -147,6 +148,7 @@ EXPECTED = {
     "checkpoint_shape": "does not fit this run's model",
     "untrusted_checkpoint": "refused by torch.load(weights_only=True)",
     "untrusted_pretrained": "model.trust_pretrained=true",
+    "synthetic_root": "data.root='/data/flickr30k': expected no value for data=synthetic",
 }
 
 

@@ -247,6 +247,10 @@ class SyntheticDataModule(CaptionDataModule):
 
     def __init__(self, cache_dir: str, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
                  image_size: int = 64, seed: int = 0, **kwargs: Any) -> None:
+        for key in ("root", "annotations"):  # e.g. `+data.root=...` left over from a real-data command
+            check(kwargs.get(key) is None, f"data.{key}", "no value for data=synthetic (it is rendered into "
+                  "data.cache_dir; use data=karpathy for a dataset on disk)", kwargs.get(key))
+            kwargs.pop(key, None)
         kwargs.setdefault("splits", {"train": ["train"], "val": ["val"], "test": ["test"]})
         super().__init__(root=cache_dir, **kwargs)
         self.synthetic = dict(num_train=num_train, num_val=num_val, num_test=num_test,
