@@ -120,6 +120,12 @@ def test_bad_annotations_give_one_clear_error(karpathy: Path, mutate, message: s
     assert "\n" not in str(err.value)
 
 
+def test_batch_larger_than_the_training_captions_is_refused(karpathy: Path) -> None:
+    dm = CaptionDataModule(root=str(karpathy.parent), annotations=str(karpathy), num_workers=0, batch_size=1000)
+    with pytest.raises(FNEError, match=r"data.batch_size=1000: larger than the \d+ training captions"):
+        dm.train_dataloader()
+
+
 def test_missing_root_names_the_key(tmp_path: Path) -> None:
     dm = CaptionDataModule(root=str(tmp_path / "nowhere"), annotations="x.json")
     with pytest.raises(FNEError, match=r"data.root=.*nowhere.*directory not found"):

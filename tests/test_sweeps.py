@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from fne_lightning.sweep import write_results
+from fne_lightning.sweep import varying_keys, write_results
 
 from conftest import TINY_OVERRIDES, compose_config
 
@@ -82,3 +82,12 @@ def test_failed_jobs_are_rows_without_results(tmp_path: Path) -> None:
         ("0", "ok", "300.0"), ("1", "failed", ""), ("10", "failed", "")]
     table = (tmp_path / "sweep_results.md").read_text()
     assert "| **0** |" in table and "| failed |" in table
+
+
+def test_varying_keys_do_not_depend_on_job_order() -> None:
+    # loss.tau is set in one job only: it varies whether that job comes first or not.
+    jobs = [{"overrides": ["loss.cutdown=0.1"]}, {"overrides": ["loss.cutdown=0.1", "loss.tau=0.5"]},
+            {"overrides": ["loss.cutdown=0.2"]}]
+    assert varying_keys(jobs) == ["loss.cutdown", "loss.tau"]
+    assert varying_keys(jobs[::-1]) == ["loss.cutdown", "loss.tau"]
+    assert varying_keys(jobs[:2]) == ["loss.tau"]

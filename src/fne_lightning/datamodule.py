@@ -34,7 +34,7 @@ from fne_lightning.components.datasets import (
 from fne_lightning.components.encoders import ImageConfig
 from fne_lightning.components.samplers import ResumableLoader, ResumableSampler
 from fne_lightning.components.synthetic import build_synthetic
-from fne_lightning.components.transforms import build_transform
+from fne_lightning.components.transforms import build_transform, is_random
 from fne_lightning.errors import FNEError, check
 
 STAGES = ("train", "val", "test")
@@ -126,19 +126,9 @@ class CaptionDataModule(L.LightningDataModule):
         """Take image size/normalisation and the tokenizer from the encoder."""
         self.image_config, self.tokenizer = image_config, tokenizer
 
-    def check_paths(self) -> None:
-        """Fail fast, before any model is built, when the data root or annotations are missing."""
-        if not Path(self.root).is_dir():
-            raise FNEError(f"data.root={str(self.root)!r}: directory not found")
-        for stage in STAGES:
-            path = self._annotation_path(stage)
-            if not path.is_file():
-                raise FNEError(f"data.annotations={str(path)!r}: annotation file not found")
-        if self.positives is not None and not Path(self.positives).is_file():
-            raise FNEError(f"data.positives={str(self.positives)!r}: file not found")
-
     def load_all(self) -> None:
-        """Parse every split and check its images now, so bad data fails before a model is built."""
+        """Parse every split and check its images now, so bad data (a missing root or annotation
+        file included) fails before a model is built."""
         for stage in STAGES:
             self.load_split(stage)
 
@@ -195,22 +185,19 @@ class CaptionDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _augmented(self) -> bool:
-        a = self.augment
-        return bool(a.get("crop_scale", (0.5, 1.0)) or a.get("hflip", True) or a.get("randaugment", (2, 7)))
-
     def train_dataloader(self) -> DataLoader:
         split = self.load_split("train")
-        if split.num_texts < self.batch_size:
-            raise FNEError(f"data.batch_size={self.batch_size}: larger than the {split.num_texts} training "
-                           "captions (training uses full batches only)")
-        augmented = self._augmented()
-        transform = build_transform(self.image_config, train=augmented, **self.augment)
-        images = ImageInputs(self._store("train"), transform, cache=self.cache_inputs and not augmented)
-        texts = TextInputs(split.captions, self.tokenizer, cache=self.cache_inputs)
-        dataset = PairDataset(split.text_to_image, images, texts)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if split.num_texts // world < self.batch_size:
+            per_rank = f" ({split.num_texts // world} per rank over {world} processes)" if world > 1 else ""
+            raise FNEError(f"data.batch_size={self.batch_size}: larger than the {split.num_texts} training "
+                           f"captions{per_rank} (training uses full batches only)")
+        transform = build_transform(self.image_config, train=True, **self.augment)
+        # Inputs are cached only when nothing random happens to them (e.g. the synthetic data).
+        images = ImageInputs(self._store("train"), transform, cache=self.cache_inputs and not is_random(transform))
+        texts = TextInputs(split.captions, self.tokenizer, cache=self.cache_inputs)
+        dataset = PairDataset(split.text_to_image, images, texts)
         # Sharded over ranks and shuffled from (seed, epoch); Lightning keeps it under DDP.
         sampler = ResumableSampler(dataset, self.batch_size, num_replicas=world, rank=rank, seed=self.shuffle_seed)
         return ResumableLoader(dataset, sampler, progress=self._train_progress, num_workers=self.num_workers,
@@ -259,9 +246,6 @@ class SyntheticDataModule(CaptionDataModule):
     def _build(self) -> Path:
         Path(self.root).mkdir(parents=True, exist_ok=True)
         return build_synthetic(self.root, **self.synthetic)
-
-    def check_paths(self) -> None:
-        """Nothing to check: the benchmark is rendered on first use."""
 
     def load_all(self) -> None:
         """Nothing to check early: rendered by rank 0 in prepare_data, known to be well formed."""

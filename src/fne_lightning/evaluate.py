@@ -27,6 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fne_lightning.errors import FNEError, check, report_user_errors
+from fne_lightning.report import atomic_write
 from fne_lightning.train import config_dir
 
 log = logging.getLogger(__name__)
@@ -150,10 +151,8 @@ def save_embeddings(path: Path, split: Any, images: Any, texts: Any) -> None:
                   image_ids=np.asarray(split.image_keys), captions=np.asarray(split.captions))
     if split.positive_pairs is not None:
         arrays["positive_pairs"] = split.positive_pairs
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def save_retrievals(path: Path, split: Any, image_root: str, images: Any, texts: Any, k: int,
@@ -189,11 +188,9 @@ def save_retrievals(path: Path, split: Any, image_root: str, images: Any, texts:
                  for s, i in zip(scores[j].tolist(), idx[j].tolist(), strict=True)]}
         for j in range(len(t2i))
     ]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         json.dump({"split": split.name, "k": k, "image_root": image_root, "image_to_text": image_queries,
                    "text_to_image": caption_queries}, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -233,8 +230,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     device, autocast = _device_and_autocast(str(cfg.device), precision)
 
     datamodule = instantiate(data_cfg)
-    datamodule.check_paths()
-    try:  # before the model is built: a missing split fails fast
+    try:  # before the model is built: missing data or a missing split fails fast
         split = datamodule.load_split(split_name)
     except FNEError as err:
         raise FNEError(f"split={split_name!r}: {err}") from None
@@ -269,7 +265,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for prefix, label in tables:
         markdown += [f"## {label}\n", format_markdown(metrics, prefix, label)]
     write_json(out_dir / "metrics.json", metrics)
-    (out_dir / "metrics.md").write_text("\n".join(markdown), encoding="utf-8")
+    with atomic_write(out_dir / "metrics.md") as f:
+        f.write("\n".join(markdown))
     if cfg.save_embeddings or topk:
         images, texts = metric.features()
         if cfg.save_embeddings:

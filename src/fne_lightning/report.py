@@ -3,11 +3,13 @@ rich end-of-run summary (:func:`print_summary`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import IO, Any
 
 DIRECTIONS = (("i2t", "Image-to-text"), ("t2i", "Text-to-image"))
 STANDARD = (("r1", "R@1"), ("r5", "R@5"), ("r10", "R@10"), ("medr", "medr"), ("meanr", "meanr"))
@@ -97,11 +99,22 @@ def print_summary(metrics: Mapping[str, float], files: Mapping[str, object] | No
         console.print(run)
 
 
-def write_json(path: str | os.PathLike, data: Mapping[str, object]) -> None:
-    """Write JSON atomically: a reader never sees a half-written file."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open ``path`` for writing through a temporary file renamed into place on success: a
+    reader never sees a half-written file, and a failed write leaves no file behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, object]) -> None:
+    """Write JSON atomically (:func:`atomic_write`)."""
+    with atomic_write(path) as f:
         json.dump(dict(data), f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)

@@ -27,6 +27,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fne_lightning.report import atomic_write
+
 log = logging.getLogger(__name__)
 
 RESULTS = "sweep_results"
@@ -64,14 +66,9 @@ def _split(override: str) -> tuple[str, str]:
 
 def varying_keys(jobs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Override keys whose value differs between jobs (or is missing in some), in first-seen order."""
-    values: dict[str, set[str | None]] = {}
-    for job in jobs:
-        own = dict(_split(o) for o in job["overrides"])
-        for key in own:
-            values.setdefault(key, set())
-        for key in values:
-            values[key].add(own.get(key))
-    return [k for k, v in values.items() if len(v) > 1 or (len(jobs) > 1 and None in v)]
+    owns = [dict(_split(o) for o in job["overrides"]) for job in jobs]
+    keys = dict.fromkeys(key for own in owns for key in own)
+    return [key for key in keys if len({own.get(key) for own in owns}) > 1]
 
 
 def _cell(value: Any, digits: int | None = None) -> str:
@@ -126,9 +123,8 @@ def write_results(sweep_dir: str | os.PathLike, output_subdir: str = ".hydra") -
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # atomic: readers never see half a file
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def _sweep_dir(config: DictConfig) -> Path:

@@ -73,8 +73,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
     from fne_lightning.module import RetrievalModule
 
     datamodule = instantiate(cfg.data, shuffle_seed=int(cfg.seed))
-    datamodule.check_paths()  # missing or broken data fails before a large model is built
-    datamodule.load_all()
+    datamodule.load_all()  # missing or broken data fails before a large model is built
     encoder = instantiate(cfg.model)
     datamodule.use_encoder(encoder.image_config, encoder.tokenizer)
     loss = instantiate(cfg.loss, embed_dim=encoder.embed_dim)

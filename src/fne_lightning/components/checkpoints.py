@@ -8,6 +8,7 @@ unless the user explicitly trusts them (``trust_checkpoint=true``).
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,16 @@ from fne_lightning.errors import FNEError
 
 
 def load_checkpoint(path: Path, trust: bool, key: str = "ckpt_path") -> dict[str, Any]:
-    """``torch.load`` on the CPU, refusing pickled code unless ``trust``; one clear line on failure."""
+    """``torch.load`` on the CPU, refusing pickled code unless ``trust``; one clear line on failure.
+
+    Memory-mapped when the file is in torch's zip format (every Lightning checkpoint): checking
+    keys and shapes then reads only the file's metadata, not gigabytes of weights and optimizer
+    state that the Trainer reads again when it resumes.
+    """
     if not path.is_file():
         raise FNEError(f"{key}={str(path)!r}: file not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # torch.load fails in many ways (KeyError, EOFError, ...) on a bad file
         text = str(err)
         if not trust and "Weights only load failed" in text:

@@ -107,25 +107,30 @@ class VSELoss(nn.Module):
 
 def in_batch_loss(owner: VSELoss | FNELoss, image_features: Tensor, text_features: Tensor,
                   image_ids: Tensor, text_ids: Tensor, kind: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """VSE loss over the (optionally gathered) in-batch online features, with FN diagnostics."""
-    v, t = image_features.float(), text_features.float()
-    cand_v, cand_t, cand_image_ids, cand_text_ids = v, t, image_ids, text_ids
-    if owner.gather_batch:
-        # Other ranks' rows are constants, the local rows keep their gradient (open_clip's ClipLoss).
-        cand_v, cand_t = gather_with_local_grad(v), gather_with_local_grad(t)
-        cand_image_ids, cand_text_ids = gather_no_grad(image_ids), gather_no_grad(text_ids)
-    same_image = image_ids[:, None] == cand_image_ids[None, :]  # (B, M)
-    out = vse_loss(v, t, same_image, owner.margin, kind, candidate_images=cand_v, candidate_texts=cand_t)
-    diagnostics: dict[str, Tensor] = {}
-    if owner.positives.available:
-        with torch.no_grad():
-            fn_i2t = owner.positives.contains(image_ids, cand_text_ids[out.i2t_negative])
-            fn_t2i = owner.positives.contains(cand_image_ids[out.t2i_negative], text_ids)
-            rate = (_rate(fn_i2t, out.i2t_has) + _rate(fn_t2i, out.t2i_has)) / 2
-            # Negatives of VSE losses are the hardest ones: both rates are the same number.
-            diagnostics["sampled_fn_rate"] = rate
-            diagnostics["hardest_fn_rate"] = rate
-    return out.loss, diagnostics
+    """VSE loss over the (optionally gathered) in-batch online features, with FN diagnostics.
+
+    Similarities in fp32 whatever the autocast setting, as in :class:`FNELoss`: a VSE++ baseline
+    run in bf16-mixed scores its negatives like FNE's warm-up does.
+    """
+    with torch.autocast(image_features.device.type, enabled=False):
+        v, t = image_features.float(), text_features.float()
+        cand_v, cand_t, cand_image_ids, cand_text_ids = v, t, image_ids, text_ids
+        if owner.gather_batch:
+            # Other ranks' rows are constants, the local rows keep their gradient (open_clip's ClipLoss).
+            cand_v, cand_t = gather_with_local_grad(v), gather_with_local_grad(t)
+            cand_image_ids, cand_text_ids = gather_no_grad(image_ids), gather_no_grad(text_ids)
+        same_image = image_ids[:, None] == cand_image_ids[None, :]  # (B, M)
+        out = vse_loss(v, t, same_image, owner.margin, kind, candidate_images=cand_v, candidate_texts=cand_t)
+        diagnostics: dict[str, Tensor] = {}
+        if owner.positives.available:
+            with torch.no_grad():
+                fn_i2t = owner.positives.contains(image_ids, cand_text_ids[out.i2t_negative])
+                fn_t2i = owner.positives.contains(cand_image_ids[out.t2i_negative], text_ids)
+                rate = (_rate(fn_i2t, out.i2t_has) + _rate(fn_t2i, out.t2i_has)) / 2
+                # Negatives of VSE losses are the hardest ones: both rates are the same number.
+                diagnostics["sampled_fn_rate"] = rate
+                diagnostics["hardest_fn_rate"] = rate
+        return out.loss, diagnostics
 
 
 def candidate_rows(batch_candidates: Tensor, bank_candidates: Tensor, index: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from fne_lightning.components.positives import PositiveIndex
+from fne_lightning.components.ranking import topk_neighbours
 from fne_lightning.components.sampling import false_negative_posterior
 from fne_lightning.components.stats import confident_samples
 
@@ -194,8 +195,8 @@ def retrieval_examples(image_features: Tensor, text_features: Tensor, text_to_im
         mark = torch.where(index.contains(images, captions), TRUE_MATCH, NO_MATCH)
         return torch.where(t2i[captions] == images, PAIRED, mark).numpy()
 
-    text_res = (txt[text_q] @ img.T).topk(min(k, n_img), dim=1).indices  # (Q, k)
-    image_res = (img[image_q] @ txt.T).topk(min(k, n_txt), dim=1).indices  # (Q, k)
+    text_res = topk_neighbours(txt[text_q], img, k)[1]  # (Q, k)
+    image_res = topk_neighbours(img[image_q], txt, k)[1]  # (Q, k)
     text_q_t, image_q_t = torch.from_numpy(text_q), torch.from_numpy(image_q)
     return RetrievalExamples(
         text_q, text_res.numpy(), marks(text_res, text_q_t[:, None]),

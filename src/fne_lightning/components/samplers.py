@@ -5,8 +5,10 @@ The order of each epoch is a function of (seed, epoch) only, as in ``Distributed
 RNG. The loader is *stateful* in Lightning's sense (``state_dict``/``load_state_dict``): a
 checkpoint records the epoch and how many of its batches were trained, and a resumed run
 skips exactly those, so N uninterrupted steps and N/2 + resume + N/2 steps see the same
-batches in the same order. Each epoch also re-seeds the loader's generator, from which
-workers draw their seeds, so random augmentation in workers is reproducible too.
+batches in the same order. Worker seeds (random augmentation) come from the loader's
+generator, seeded from (seed, epoch) when the loader is first iterated; persistent workers
+keep them afterwards, so augmentation draws after a resume differ from an uninterrupted run
+(the data order does not).
 """
 
 from __future__ import annotations
@@ -58,13 +60,10 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, sampler=sampler, batch_size=sampler.batch_size, drop_last=True,
                          generator=torch.Generator(), **kwargs)
         self.progress = progress
-        self._reseed(sampler.epoch)
-
-    def _reseed(self, epoch: int) -> None:
-        self.generator.manual_seed(self.sampler.seed * 100_003 + epoch)
 
     def __iter__(self):
-        self._reseed(self.sampler.epoch)  # worker seeds depend on (seed, epoch) only
+        # Worker seeds are drawn when workers start (the first iteration, with persistent ones).
+        self.generator.manual_seed(self.sampler.seed * 100_003 + self.sampler.epoch)
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:

@@ -39,3 +39,8 @@ def build_transform(
         steps.append(T.RandAugment(num_ops=int(num_ops), magnitude=int(magnitude)))
     steps += [T.ToTensor(), T.Normalize(image.mean, image.std)]
     return T.Compose(steps)
+
+
+def is_random(transform: T.Compose) -> bool:
+    """Whether ``transform`` draws random numbers (then its outputs must not be cached)."""
+    return any(isinstance(t, (T.RandomResizedCrop, T.RandomHorizontalFlip, T.RandAugment)) for t in transform.transforms)
