@@ -79,6 +79,13 @@ DATA_CASES = {
     "empty_caption": (edit(lambda d: d["images"][1]["sentences"][0].update(raw=" ?!. ")),
                       "is empty after preprocessing"),
     "no_captions": (edit(lambda d: d["images"][0].update(sentences=[])), "has no captions"),
+    # Ids that hand-made files get wrong: two images would silently become one for same-image masking.
+    "duplicate_imgid": (edit(lambda d: d["images"][5].update(imgid=2)),
+                        "image entry 5 ('5.jpg') has imgid 2, already used by image entry 2 ('2.jpg')"),
+    "sentence_imgid": (edit(lambda d: d["images"][3]["sentences"][1].update(imgid=4)),
+                       "sentence 7 of image entry 3 ('3.jpg') has imgid 4, expected its image's imgid 3"),
+    "duplicate_sentid": (edit(lambda d: d["images"][6]["sentences"][0].update(sentid=1)),
+                         "sentid 1 of image entry 6 ('6.jpg') is already used in image entry 0"),
 }
 CONFIG_CASES = {
     "bank_size": (["loss.memory_size=-1"], "loss.memory_size=-1"),
@@ -102,13 +109,13 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[
     jobs: dict[str, list[str]] = {}
     for name, (mutate, _) in DATA_CASES.items():
         ann = write_dataset(base / name, mutate)
-        jobs[name] = ["data=karpathy", f"data.root={base / name}", f"data.annotations={ann}", "data.num_workers=0",
+        jobs[name] = ["experiment=none", "data=karpathy", f"data.root={base / name}", f"data.annotations={ann}", "data.num_workers=0",
                       "data.batch_size=2", "data.eval_batch_size=2", "data.pin_memory=false"]
     good = write_dataset(base / "good")
-    data = ["data=karpathy", f"data.root={base / 'good'}", f"data.annotations={good}", "data.num_workers=0",
+    data = ["experiment=none", "data=karpathy", f"data.root={base / 'good'}", f"data.annotations={good}", "data.num_workers=0",
             "data.batch_size=2", "data.pin_memory=false"]
-    jobs["data_root"] = ["data=karpathy", "data.root=/no/such/dir", "data.annotations=/no/such/dir/d.json"]
-    jobs["annotation_file"] = ["data=karpathy", f"data.root={base / 'good'}", f"data.annotations={base / 'nope.json'}"]
+    jobs["data_root"] = ["experiment=none", "data=karpathy", "data.root=/no/such/dir", "data.annotations=/no/such/dir/d.json"]
+    jobs["annotation_file"] = ["experiment=none", "data=karpathy", f"data.root={base / 'good'}", f"data.annotations={base / 'nope.json'}"]
     for name, (args, _) in CONFIG_CASES.items():
         jobs[name] = [*args, *(data if not args[0].startswith("data.") else [])]
     # A checkpoint of a model of another shape, and files that need pickled code to load.

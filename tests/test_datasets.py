@@ -78,6 +78,11 @@ def test_albef_train_and_eval_lists(tmp_path: Path) -> None:
     assert tr.num_images == 2 and tr.text_to_image.tolist() == [0, 1, 0]
     te = load_albef(tmp_path / "test.json", tmp_path, "test")
     assert te.num_images == 2 and te.text_to_image.tolist() == [0, 0, 0, 0, 1]
+    # One image_id given to two files would make them one image for same-image masking.
+    (tmp_path / "bad.json").write_text(json.dumps([*train, {"image": "img/c.jpg", "caption": "four", "image_id": "b"}]))
+    with pytest.raises(FNEError, match=r"row 3 gives image_id b to 'img/c.jpg', which an earlier row gave to "
+                                       r"'img/b.jpg'"):
+        load_albef(tmp_path / "bad.json", tmp_path, "train")
 
 
 def _tokenize(texts: list[str]) -> torch.Tensor:
@@ -152,3 +157,20 @@ def test_on_bad_image_skip_drops_bad_images_with_their_captions(karpathy: Path, 
     assert train.image_paths[1].endswith("4.jpg") and train.captions[1].startswith("a photo number 4")
     assert {tuple(p) for p in train.positive_pairs.tolist()} == {(0, 0)}
     assert "1.jpg: not an image" in caplog.text and "skipped 1 of 3 train images" in caplog.text
+
+
+def test_loader_settings_follow_the_machine() -> None:
+    import os
+
+    from fne_lightning.datamodule import resolve_loader_settings
+
+    cores = len(os.sched_getaffinity(0))
+    workers, pin = resolve_loader_settings("auto", "auto")
+    # Never more workers than usable cores (PyTorch warns then), and no pinning without a GPU.
+    assert workers == min(4, cores) and 1 <= workers <= cores
+    assert pin is torch.cuda.is_available()
+    assert resolve_loader_settings(3, False) == (3, False)
+    with pytest.raises(FNEError, match="data.num_workers='many': expected auto or an integer >= 0"):
+        resolve_loader_settings("many", "auto")
+    with pytest.raises(FNEError, match="data.pin_memory='yes'"):
+        resolve_loader_settings(0, "yes")

@@ -40,6 +40,28 @@ from fne_lightning.errors import FNEError, check
 STAGES = ("train", "val", "test")
 
 
+MAX_AUTO_WORKERS = 4
+
+
+def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str) -> tuple[int, bool]:
+    """``auto`` values follow the machine: workers up to the usable cores (at most
+    :data:`MAX_AUTO_WORKERS`, so PyTorch never warns that there are more workers than cores), and
+    pinned memory only when there is a GPU to copy to (without one pinning only costs time)."""
+    import os
+
+    import torch
+
+    if num_workers == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_workers = min(MAX_AUTO_WORKERS, cores)
+    check(isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0,
+          "data.num_workers", "auto or an integer >= 0", num_workers)
+    if pin_memory == "auto":
+        pin_memory = torch.cuda.is_available()
+    check(isinstance(pin_memory, bool), "data.pin_memory", "auto, true or false", pin_memory)
+    return num_workers, pin_memory
+
+
 class CaptionDataModule(L.LightningDataModule):
     """Karpathy-format (``format=karpathy``) or ALBEF-format (``format=albef``) caption data.
 
@@ -63,6 +85,8 @@ class CaptionDataModule(L.LightningDataModule):
         shuffle_seed: training order of epoch e is a function of (shuffle_seed, e) only (the
             run's ``seed``), which makes resuming from a checkpoint exact, mid-epoch included.
         image_config, tokenizer: supplied by the encoder at run time (size, normalisation, tokens).
+        num_workers: loader processes; ``auto`` = the CPU cores this process may use, at most 4.
+        pin_memory: page-locked batches for fast host-to-GPU copies; ``auto`` = when CUDA is present.
     """
 
     def __init__(
@@ -74,8 +98,8 @@ class CaptionDataModule(L.LightningDataModule):
         splits: Mapping[str, Sequence[str]] | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 128,
-        num_workers: int = 4,
-        pin_memory: bool = True,
+        num_workers: int | str = "auto",
+        pin_memory: bool | str = "auto",
         preload_images: bool = False,
         cache_inputs: bool = False,
         augment: Mapping[str, Any] | None = None,
@@ -92,7 +116,7 @@ class CaptionDataModule(L.LightningDataModule):
         check(isinstance(batch_size, int) and batch_size > 0, "data.batch_size", "a positive integer", batch_size)
         check(isinstance(eval_batch_size, int) and eval_batch_size > 0, "data.eval_batch_size",
               "a positive integer", eval_batch_size)
-        check(isinstance(num_workers, int) and num_workers >= 0, "data.num_workers", "an integer >= 0", num_workers)
+        num_workers, pin_memory = resolve_loader_settings(num_workers, pin_memory)
         check(positives is None or format == "karpathy", "data.positives",
               "null for format=albef (a positives file indexes Karpathy imgid/sentid)", positives)
         check(test_folds is None or (isinstance(test_folds, int) and not isinstance(test_folds, bool)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -64,6 +66,45 @@ def hydra_choice(group: str, default: str = "none") -> str:
 # Used by conf/logger/wandb.yaml: ${wandb_offline:} and ${hydra_choice:experiment}.
 OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 OmegaConf.register_new_resolver("hydra_choice", hydra_choice, replace=True)
+
+
+# The paper's recipe for each real dataset: what `data=<name>` without an experiment should use.
+PAPER_EXPERIMENTS = {"f30k": "f30k_vse", "coco": "coco_vse"}
+
+
+def normalize_experiment_args(args: list[str]) -> list[str]:
+    """``~experiment`` and ``experiment=null`` mean ``experiment=none`` (the base recipe).
+
+    Hydra cannot delete or null this group: the defaults list interpolates ``${experiment}``
+    to find the per-experiment loss settings, so both would end in an interpolation error.
+    """
+    return ["experiment=none" if re.fullmatch(r"~experiment(=.*)?|experiment=null", a) else a for a in args]
+
+
+def check_recipe() -> None:
+    """Refuse the synthetic default recipe on real data unless ``experiment=`` was chosen.
+
+    ``experiment=synthetic`` is the default so that ``make train`` needs no arguments; its
+    recipe (random init, VSE0 warm-up, lr 5e-4, a 1,024-slot bank) is wrong for Flickr30K or
+    COCO, and ``data=f30k`` alone must not run it silently.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    from fne_lightning.errors import FNEError
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    experiment, data = hc.runtime.choices.get("experiment"), hc.runtime.choices.get("data")
+    explicit = any(o.lstrip("+~").split("=", 1)[0] == "experiment" for o in hc.overrides.task)
+    if explicit or experiment != "synthetic" or data == "synthetic":
+        return
+    paper = PAPER_EXPERIMENTS.get(str(data))
+    use = f"experiment={paper} (the paper's recipe for this data)" if paper else \
+        "an experiment written for this data (conf/experiment/<name>.yaml)"
+    raise FNEError(f"data={data}: the default experiment=synthetic is the CPU recipe of the synthetic benchmark "
+                   f"(random init, VSE0 warm-up, lr 5e-4), not one for real data; use {use}, or experiment=none "
+                   "for the base recipe, or experiment=synthetic to run it anyway")
 
 
 def build(cfg: DictConfig) -> tuple[Any, Any]:
@@ -121,6 +162,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test, write ``metrics.json``, print the summary; returns the flat metrics."""
     import lightning as L
 
+    from fne_lightning.logs import configure_logging
+
+    check_recipe()
+    configure_logging(verbose_run(cfg))
     L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule = build(cfg)
     loggers = instantiate_all(cfg.get("logger"))
@@ -188,13 +233,28 @@ def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[A
     return metrics
 
 
+def verbose_run(cfg: DictConfig) -> bool:
+    """``verbose=true`` or Hydra's own ``hydra.verbose=...``: show the libraries' INFO lines too."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_verbose = HydraConfig.initialized() and bool(HydraConfig.get().verbose)
+    return bool(cfg.get("verbose", False)) or hydra_verbose
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     with report_user_errors():
         metrics = train(cfg)
     # Hydra sweepers (Optuna) maximise this value.
     value = metrics.get(f"{cfg.get('optimized_metric')}_best")
     return None if value is None else float(value)
+
+
+def main() -> float | None:
+    """Console entry point: ``python -m fne_lightning.train`` / ``fne-train``."""
+    # In place: Lightning's DDP launcher re-runs sys.argv for the other ranks.
+    sys.argv[1:] = normalize_experiment_args(sys.argv[1:])
+    return hydra_main()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], na
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise FNEError(f"data.annotations={str(annotations)!r}: expected a Karpathy JSON object with "
                        "an 'images' list")
+    check_karpathy_ids(data["images"], annotations)
     wanted = set(splits)
     paths, keys, captions, t2i, sentids, where = [], [], [], [], [], []
     for n, img in enumerate(data["images"]):
@@ -119,6 +120,40 @@ def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], na
     return split
 
 
+def check_karpathy_ids(images: list, annotations: Path) -> None:
+    """Image ids and sentence ids unique over the whole file, each sentence's ``imgid`` its image's.
+
+    Real Karpathy files satisfy this; hand-made ones often do not, and two images sharing an
+    ``imgid`` would silently become one image for same-image masking and the positives.
+    One error names the first offending entry. An image without ``imgid`` has its position.
+    """
+    where = f"data.annotations={str(annotations)!r}"
+    image_owner: dict[str, int] = {}
+    sentence_owner: dict[str, int] = {}
+    for n, img in enumerate(images):
+        if not isinstance(img, dict):
+            raise FNEError(f"{where}: image entry {n} is not an object")
+        imgid = str(img.get("imgid", n))
+        name = img.get("filename")
+        if imgid in image_owner:
+            first = image_owner[imgid]
+            raise FNEError(f"{where}: image entry {n} ({name!r}) has imgid {imgid}, already used by image entry "
+                           f"{first} ({images[first].get('filename')!r}); expected unique image ids")
+        image_owner[imgid] = n
+        for s in img.get("sentences") or []:
+            if not isinstance(s, dict):
+                continue  # reported with the caption checks
+            if "imgid" in s and str(s["imgid"]) != imgid:
+                raise FNEError(f"{where}: sentence {s.get('sentid')} of image entry {n} ({name!r}) has imgid "
+                               f"{s['imgid']}, expected its image's imgid {imgid}")
+            if "sentid" in s:
+                sentid = str(s["sentid"])
+                if sentid in sentence_owner:
+                    raise FNEError(f"{where}: sentid {sentid} of image entry {n} ({name!r}) is already used in "
+                                   f"image entry {sentence_owner[sentid]}; expected unique sentence ids")
+                sentence_owner[sentid] = n
+
+
 def _positive_pairs(pos_file: Path, image_keys: list[str], sentids: list[int],
                     key: str = "positives file") -> np.ndarray:
     """Map ``{"<imgid>": [sentid, ...]}`` onto (image index, caption index) pairs of a split."""
@@ -149,6 +184,10 @@ def load_albef(annotations: Path, image_root: Path, name: str,
             index[key] = len(paths)
             paths.append(str(image_root / row["image"]))
             keys.append(key)
+        elif paths[index[key]] != str(image_root / row["image"]):
+            # Same id, another file: same-image masking would treat two images as one.
+            raise FNEError(f"{annotations}: row {n} gives image_id {key} to {row['image']!r}, which an earlier row "
+                           f"gave to {os.path.relpath(paths[index[key]], image_root)!r}; expected one image per id")
         texts = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
         if not texts:
             raise FNEError(f"{annotations}: image {row['image']!r} (row {n}) has no captions")

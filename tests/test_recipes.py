@@ -1,0 +1,109 @@
+"""Recipes: every loss on every experiment, the behaviour without an experiment, quiet logs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from fne_lightning.components.losses import FNELoss, VSELoss
+from fne_lightning.module import RetrievalModule
+from fne_lightning.train import config_dir, normalize_experiment_args
+
+from conftest import compose_config
+from test_train import run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+LOSSES = {"fne": ["loss=fne"], "vsepp": ["loss=vsepp"], "vse0": ["loss=vse0"],
+          "fne_hardest": ["loss=fne", "loss.selection=hardest"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    cfg = compose_config(["model=tiny"], Path("/nonexistent"))
+    return instantiate(cfg.model)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_loss_builds_on_every_experiment(experiment: str, loss: str, tiny_encoder, tmp_path: Path) -> None:
+    # model=tiny stands in for towers whose weights are not on this machine; data is built, not read.
+    cfg = compose_config([f"experiment={experiment}", *LOSSES[loss], "model=tiny"], tmp_path)
+    assert cfg.callbacks.model_checkpoint.monitor == "val/rsum"
+    instantiate(cfg.data, shuffle_seed=0)
+    loss_module = instantiate(cfg.loss, embed_dim=tiny_encoder.embed_dim)
+    assert isinstance(loss_module, FNELoss if loss.startswith("fne") else VSELoss)
+    if loss == "fne_hardest":
+        assert loss_module.selection == "hardest"
+    module = RetrievalModule(tiny_encoder, loss_module, instantiate(cfg.optim.optimizer),
+                             instantiate(cfg.optim.scheduler), seed=int(cfg.seed))
+    module.configure_optimizers()
+    assert (module.momentum_encoder is not None) == loss.startswith("fne")
+
+
+def test_recipes_set_what_they_promise(tmp_path: Path) -> None:
+    paper = compose_config(["experiment=f30k_vse"], tmp_path)
+    # The published FNE settings come from loss/fne.yaml, not from the experiment.
+    assert (paper.loss.memory_size, paper.loss.momentum, paper.loss.warmup_epochs) == (8224, 0.995, 1)
+    assert (paper.optim.optimizer.lr, paper.trainer.max_epochs, paper.data.batch_size) == (2e-5, 25, 32)
+    baseline = compose_config(["experiment=f30k_vse", "loss=vsepp"], tmp_path)
+    assert baseline.loss._target_.endswith("VSELoss") and "memory_size" not in baseline.loss
+    assert baseline.optim.optimizer.lr == 2e-5 and baseline.model.name == paper.model.name
+    synthetic = compose_config(["experiment=synthetic"], tmp_path)
+    assert (synthetic.loss.memory_size, synthetic.loss.momentum) == (1024, 0.9)  # loss/tuning/synthetic_fne
+    assert compose_config(["experiment=synthetic", "loss=vsepp"], tmp_path).loss.warmup_epochs == 10
+    plain = compose_config(["experiment=none"], tmp_path)
+    assert (plain.loss.memory_size, plain.optim.optimizer.lr, plain.trainer.max_epochs) == (8224, 2e-5, 25)
+
+
+def test_deleting_or_nulling_the_experiment_means_none() -> None:
+    args = ["~experiment", "experiment=null", "~experiment=synthetic", "experiment=f30k_vse", "loss=vsepp"]
+    assert normalize_experiment_args(args) == ["experiment=none"] * 3 + ["experiment=f30k_vse", "loss=vsepp"]
+
+
+def test_no_experiment_cli(tmp_path: Path) -> None:
+    proc = run_cli("data=f30k", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "experiment=f30k_vse" in proc.stderr and proc.stderr.startswith("error: data=f30k:")
+    # An explicit experiment is never second-guessed.
+    assert run_cli("data=f30k", "experiment=synthetic", "--cfg", "job", cwd=tmp_path).returncode == 0
+    none_cfg = run_cli("experiment=none", "--cfg", "job", cwd=tmp_path)
+    assert none_cfg.returncode == 0 and "memory_size: 8224" in none_cfg.stdout
+    for spelling in ("~experiment", "experiment=null"):
+        proc = run_cli(spelling, "--cfg", "job", cwd=tmp_path)
+        assert proc.returncode == 0 and proc.stdout == none_cfg.stdout, proc.stderr[-2000:]
+
+
+LOG_LINE = re.compile(r"^\[[\d\- :,]+\]\[([\w.]+)\]\[(\w+)\] - (.*)$")
+
+
+def log_messages(output: str) -> list[tuple[str, str]]:
+    """(logger, message) of Hydra-formatted log lines, and ('lightning-console', msg) of Lightning's own."""
+    out = []
+    for line in output.splitlines():
+        if m := LOG_LINE.match(line):
+            out.append((m.group(1), m.group(3)))
+        elif line.startswith("INFO: "):
+            out.append(("lightning-console", line.removeprefix("INFO: ")))
+    return out
+
+
+def test_verbose_shows_library_lines_once(tmp_path: Path, cache_dir: Path) -> None:
+    # Zero epochs: the set-up's log lines without the cost of training.
+    args = ["trainer.max_epochs=0", "test=false", "~logger", "trainer.accelerator=cpu", "figures.enabled=false",
+            f"paths.cache_dir={cache_dir}", "data.num_train=32", "data.num_val=8", "data.num_test=8",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_cli(*args, "verbose=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    messages = log_messages(proc.stdout + proc.stderr)
+    assert ("lightning.fabric.utilities.seed", "Seed set to 3407") in messages
+    assert any("tokenizer" in msg for name, msg in messages if name == "root")  # open_clip's chatter
+    assert not [m for m in messages if m[0] == "lightning-console"]
+    texts = [msg for _, msg in messages]
+    assert len(texts) == len(set(texts)), [t for t in texts if texts.count(t) > 1]
+    quiet = log_messages((proc := run_cli(*args, cwd=tmp_path)).stdout + proc.stderr)
+    assert proc.returncode == 0 and quiet
+    assert {name.split(".")[0] for name, _ in quiet} == {"fne_lightning"}
