@@ -1,12 +1,24 @@
-"""The open_clip dual encoder, its momentum copy and the EMA update."""
+"""The open_clip dual encoder (built-in, local-dir: and hf-hub: names, local tower weights), its momentum
+copy and the EMA update."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from safetensors.torch import save_file
 
-from fne_lightning.components.encoders import DualEncoder, ema_update, momentum_copy
+from fne_lightning.components.encoders import DualEncoder, ema_update, load_timm_weights, momentum_copy
 from fne_lightning.errors import FNEError
+from fne_lightning.evaluate import evaluate
+from fne_lightning.train import config_dir, train
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +71,93 @@ def test_unreachable_weights_say_which_and_where(tmp_path, monkeypatch: pytest.M
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FNEError, match=r"could not load pretrained weights 'openai'.*vit_base_patch32_clip_224.*not in the cache.*model.pretrained=/path"):
         DualEncoder("ViT-B-32", pretrained="openai", cache_dir=str(tmp_path))
+
+
+def write_local_dir(path: Path, source: DualEncoder) -> Path:
+    """open_clip's local-dir layout: open_clip_config.json plus the model's weights as safetensors."""
+    path.mkdir()
+    config = {"model_cfg": open_clip.get_model_config("fne-tiny"),
+              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    save_file(source.model.state_dict(), str(path / "open_clip_model.safetensors"))
+    return path
+
+
+def test_local_dir_model_loads_the_directory_config_and_weights(encoder: DualEncoder, tmp_path: Path) -> None:
+    local = write_local_dir(tmp_path / "tiny", encoder)
+    loaded = DualEncoder(f"local-dir:{local}")
+    assert loaded.embed_dim == 128 and loaded.image_config.std == (0.25, 0.25, 0.25)
+    for key, value in encoder.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    tokens = loaded.tokenizer(["a red circle"])
+    torch.testing.assert_close(loaded.encode_text(tokens), encoder.encode_text(tokens))
+
+
+@pytest.mark.slow
+def test_local_dir_model_trains_and_evaluates_zero_shot(encoder: DualEncoder, cfg: DictConfig, cache_dir: Path,
+                                                         tmp_path: Path) -> None:
+    name = f"local-dir:{write_local_dir(tmp_path / 'tiny', encoder)}"
+    with open_dict(cfg):
+        cfg.model.name = name
+        cfg.trainer.fast_dev_run = True
+    assert "train/loss" in train(cfg)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        eval_cfg = compose("evaluate", overrides=["model=tiny", f"model.name={name}", "data=synthetic",
+                                                  f"paths.cache_dir={cache_dir}", "data.num_train=32",
+                                                  "data.num_val=8", "data.num_test=8"])
+    with open_dict(eval_cfg):
+        eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    metrics = evaluate(eval_cfg)
+    assert metrics["test/rsum"] >= 0
+    assert f"zero-shot, model `{name}`" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("layout", ["missing", "no_config", "no_weights", "bad_config"])
+def test_a_bad_local_dir_is_one_line_naming_it(layout: str, tmp_path: Path) -> None:
+    local = tmp_path / "model"
+    if layout != "missing":
+        local.mkdir()
+    if layout in ("no_weights", "bad_config"):
+        (local / "open_clip_config.json").write_text('{"model_cfg": {}}' if layout == "no_weights" else "{}")
+    expected = {"missing": "no such directory", "no_config": "open_clip_config.json is missing",
+                "no_weights": "no weights file", "bad_config": "is not an open_clip config"}[layout]
+    with pytest.raises(FNEError, match=rf"model.name='local-dir:{local}': .*{expected}"):
+        DualEncoder(f"local-dir:{local}")
+
+
+def test_pretrained_with_a_schema_name_is_refused(encoder: DualEncoder, tmp_path: Path) -> None:
+    local = write_local_dir(tmp_path / "tiny", encoder)
+    with pytest.raises(FNEError, match=r"model.pretrained='openai': expected null with model.name='local-dir:"):
+        DualEncoder(f"local-dir:{local}", pretrained="openai")
+
+
+@pytest.mark.slow
+def test_hf_hub_name_offline_is_one_line_naming_the_repo_and_the_cache(
+        tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE and HF_HOME when imported: the real entry point in a fresh process.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fne_lightning.evaluate", "model=tiny", "model.name=hf-hub:fne-test/no-such-repo",
+         "data=synthetic", f"paths.cache_dir={cache_dir}", "data.num_train=32", "data.num_val=8", "data.num_test=8",
+         f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, proc.stderr[-3000:]
+    assert "model.name='hf-hub:fne-test/no-such-repo'" in error[0] and "repo fne-test/no-such-repo" in error[0]
+    assert f"the cache {tmp_path / 'hf' / 'hub'}" in error[0] and "no network" in error[0]
+
+
+def test_timm_weights_that_do_not_fit_name_the_file_and_the_first_key(tmp_path: Path) -> None:
+    # The function DualEncoder(timm_weights=...) calls, on a real timm trunk as open_clip builds it.
+    timm = pytest.importorskip("timm")
+    weights = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("test_vit", num_classes=10).state_dict(), str(weights))
+    load_timm_weights(timm.create_model("test_vit", num_classes=0, global_pool="avg"), str(weights))  # fits
+    with pytest.raises(FNEError, match=rf"model.timm_weights='{weights}': not a checkpoint of the timm model "
+                                       r"test_vit2 .*'blocks.0.ls1.gamma' is not in the checkpoint"):
+        load_timm_weights(timm.create_model("test_vit2", num_classes=0, global_pool="avg"), str(weights))
+    with pytest.raises(FNEError, match=r"model.timm_weights='.*nope.pth': file not found"):
+        load_timm_weights(timm.create_model("test_vit", num_classes=0), str(tmp_path / "nope.pth"))

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = {"test": "test", "val": "validate"}  # split -> datamodule stage
 DATASET_NAMES = {"dataset_coco": "COCO", "dataset_flickr30k": "Flickr30K", "dataset_synthetic": "Synthetic"}
-# Chosen at build time: the checkpoint supplies every weight, so nothing is downloaded.
-NO_DOWNLOAD = {"pretrained": None, "pretrained_towers": False}
+# Chosen at build time: the checkpoint supplies every weight, so nothing is downloaded (and a local
+# timm_weights file is not needed any more).
+NO_DOWNLOAD = {"pretrained": None, "pretrained_towers": False, "timm_weights": None}
 
 
 def _group(cfg: DictConfig, trained: dict[str, Any], group: str) -> DictConfig | None:
@@ -281,6 +282,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from fne_lightning.logs import configure_logging
+    from fne_lightning.train import verbose_run
+
+    configure_logging(verbose_run(cfg))
     with report_user_errors():
         evaluate(cfg)
 
