@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fne_lightning.metrics import retrieval_scores
+from fne_lightning.retrieval.metric import retrieval_scores
 
 
 def caption_counts(images: int, captions: int, gen: torch.Generator) -> Tensor:

@@ -4,7 +4,7 @@ FNE (Li et al., ACM MM 2023, arXiv 2308.04380; FNE_SPEC sections 3, 5-7) samples
 anchor's negative from batch + bank candidates with weights from hardness, the
 false-negative posterior and the cut-down. The published implementation loops over
 anchors with `.item()` (~50x and ~240x the hardest-negative step at the two sizes
-below); ours is whole-tensor (`fne_lightning.components.sampling`).
+below); ours is whole-tensor (`fne_lightning.fne.negatives`).
 
 Both paths run the project's own loss, `FNELoss`, for one step, forward AND backward
 (anchors require grad), both directions (i2t, t2i), over the same candidates:
@@ -46,9 +46,9 @@ from torch import Tensor
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fne_lightning.components.bank import MemoryBank
-from fne_lightning.components.losses import FNELoss
-from fne_lightning.components.stats import SimilarityStats
+from fne_lightning.fne.bank import MemoryBank
+from fne_lightning.fne.stats import SimilarityStats
+from fne_lightning.losses import FNELoss
 
 PAPER_SIZES = "32,8224,768;128,65536,768"
 

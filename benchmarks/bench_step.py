@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fne_lightning.components.encoders import DualEncoder  # noqa: E402
-from fne_lightning.components.losses import FNELoss, VSELoss  # noqa: E402
+from fne_lightning.losses import FNELoss, VSELoss  # noqa: E402
+from fne_lightning.models.encoders import DualEncoder  # noqa: E402
 from fne_lightning.module import RetrievalModule  # noqa: E402
 
 
@@ -46,10 +46,6 @@ class MomentumOnly(VSELoss):
     """VSE++ that also runs the momentum encoders: the baseline FNE's own overhead is measured against."""
 
     requires_momentum = True
-
-    def __init__(self, momentum: float = 0.995, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.momentum = momentum
 
 
 class RandomPairs(Dataset):

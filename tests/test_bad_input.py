@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,25 +18,23 @@ import torch
 from PIL import Image
 
 from conftest import TINY_OVERRIDES, compose_config
+from helpers import offline_env, run_entry_point, write_karpathy
 
 TINY = [o for o in TINY_OVERRIDES if not o.startswith("data.num_")]
 
 
 def write_dataset(root: Path, mutate=None) -> Path:
-    """Karpathy JSON + JPEGs: 4 train, 2 val, 2 test images, 2 captions each."""
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    images, sentid = [], 0
-    for i, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2):
-        Image.new("RGB", (24, 24), (30 * i, 90, 160)).save(root / "img" / f"{i}.jpg", format="JPEG")
-        sentences = [{"raw": f"a photo number {i} {k}", "sentid": sentid + k} for k in range(2)]
-        sentid += 2
-        images.append({"imgid": i, "split": split, "filename": f"{i}.jpg", "filepath": "img", "sentences": sentences})
-    data = {"images": images}
+    """Karpathy JSON + JPEGs: 4 train, 2 val, 2 test images, 2 captions each; ``mutate(data, root)``
+    returns the JSON to write instead (an object, a string, or None for no file)."""
+    path = write_karpathy(root, ["train"] * 4 + ["val"] * 2 + ["test"] * 2,
+                          lambda i, split: [f"a photo number {i} {k}" for k in range(2)],
+                          lambda i: Image.new("RGB", (24, 24), (30 * i, 90, 160)))
     if mutate:
-        data = mutate(data, root)
-    path = root / "dataset.json"
-    if data is not None:
-        path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+        data = mutate(json.loads(path.read_text()), root)
+        if data is None:
+            path.unlink()
+        else:
+            path.write_text(json.dumps(data) if not isinstance(data, str) else data)
     return path
 
 
@@ -89,7 +85,7 @@ DATA_CASES = {
 }
 CONFIG_CASES = {
     "bank_size": (["loss.memory_size=-1"], "loss.memory_size=-1"),
-    "momentum": (["loss.momentum=1.5"], "loss.momentum=1.5"),
+    "momentum": (["momentum=1.5"], "momentum=1.5"),
     "match_prior": (["loss.match_prior=0"], "loss.match_prior=0"),
     "tau": (["loss.tau=0"], "loss.tau=0"),
     "margin": (["loss.margin=-0.1"], "loss.margin=-0.1"),
@@ -135,13 +131,11 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[
     for name, arg in HYDRA_CASES.items():
         jobs[name] = [arg]
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1"}
+    env = offline_env(OMP_NUM_THREADS="1")
 
     def launch(item: tuple[str, list[str]]) -> tuple[str, subprocess.CompletedProcess]:
         name, args = item
-        cmd = [sys.executable, "-m", "fne_lightning.train", *TINY, *args, f"hydra.run.dir={base / 'runs' / name}"]
-        return name, subprocess.run(cmd, cwd=base, env=env, capture_output=True, text=True, timeout=600)
+        return name, run_entry_point("train", *TINY, *args, f"hydra.run.dir={base / 'runs' / name}", cwd=base, env=env)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(pool.map(launch, jobs.items()))
@@ -152,7 +146,7 @@ EXPECTED = {
     **{name: culprit for name, (_, culprit) in CONFIG_CASES.items()},
     "data_root": "data.root='/no/such/dir': directory not found",
     "annotation_file": "nope.json': annotation file not found",
-    "checkpoint_shape": "does not fit this run's model",
+    "checkpoint_shape": "does not fit the requested model (trained with model.name='fne-tiny'",
     "untrusted_checkpoint": "refused by torch.load(weights_only=True)",
     "untrusted_pretrained": "model.trust_pretrained=true",
     "synthetic_root": "data.root='/data/flickr30k': expected no value for data=synthetic",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fne_lightning.components.bank import MemoryBank
+from fne_lightning.fne.bank import MemoryBank
 
 
 class RingModel:

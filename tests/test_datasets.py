@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fne_lightning.components.captions import clean_caption
-from fne_lightning.components.datasets import load_albef, load_karpathy
-from fne_lightning.components.encoders import ImageConfig
+from fne_lightning.data.captions import clean_caption
+from fne_lightning.data.datasets import load_albef, load_karpathy
 from fne_lightning.datamodule import CaptionDataModule
 from fne_lightning.errors import FNEError
+from fne_lightning.models.encoders import ImageConfig
+
+from helpers import write_karpathy
 
 # Uneven captions per image: 1, 3, 7, 2 (train/val/test mixed, plus a restval image).
 CAPTIONS = {0: ("train", 1), 1: ("train", 3), 2: ("val", 7), 3: ("test", 2), 4: ("restval", 2)}
@@ -27,17 +29,10 @@ def write_jpeg(path: Path, colour: tuple[int, int, int]) -> None:
 
 @pytest.fixture
 def karpathy(tmp_path: Path) -> Path:
-    images, sentid = [], 0
-    for imgid, (split, n) in CAPTIONS.items():
-        write_jpeg(tmp_path / "imgs" / f"{imgid}.jpg", (imgid * 40, 10, 200))
-        sentences = []
-        for k in range(n):
-            sentences.append({"raw": f"A Photo, number {imgid}-{k}!", "sentid": sentid, "imgid": imgid})
-            sentid += 1
-        images.append({"imgid": imgid, "filename": f"{imgid}.jpg", "filepath": "imgs", "split": split,
-                       "sentences": sentences})
-    path = tmp_path / "dataset_toy.json"
-    path.write_text(json.dumps({"images": images}))
+    path = write_karpathy(tmp_path, [split for split, _ in CAPTIONS.values()],
+                          lambda i, split: [f"A Photo, number {i}-{k}!" for k in range(CAPTIONS[i][1])],
+                          lambda i: Image.new("RGB", (20, 12), (i * 40, 10, 200)), name="dataset_toy.json",
+                          folder="imgs", sentence_imgid=True)
     # Image 1 is also described by image 0's caption (sentid 0); one entry points outside the split.
     (tmp_path / "dataset_toy.positives.json").write_text(json.dumps({"0": [0], "1": [0, 1, 2, 3], "2": [4]}))
     return path

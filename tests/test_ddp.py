@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -22,12 +20,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from omegaconf import DictConfig, open_dict
 
-from fne_lightning.components.bank import MemoryBank
-from fne_lightning.components.losses import FNELoss
-from fne_lightning.components.stats import SimilarityStats
+from fne_lightning.fne.bank import MemoryBank
+from fne_lightning.fne.stats import SimilarityStats
+from fne_lightning.losses import FNELoss
 from fne_lightning.train import build
 
 from conftest import TINY_OVERRIDES, compose_config
+from helpers import run_entry_point
 
 WORLD, B, D, K, STEPS = 2, 3, 8, 10, 5  # K = 10 is not a multiple of the global batch of 6
 
@@ -134,12 +133,9 @@ def test_validation_metrics_with_two_processes_equal_one_process(cache_dir: Path
 
 def test_entry_point_ddp_run_writes_metrics_once(cache_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     overrides = [o for o in TINY_OVERRIDES if o != "~logger"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fne_lightning.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu",
-         "trainer.devices=2", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_entry_point("train", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("metrics.json"))
     assert written == [Path("run/metrics.json")]

@@ -4,8 +4,6 @@ copy and the EMA update."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -15,10 +13,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from safetensors.torch import save_file
 
-from fne_lightning.components.encoders import DualEncoder, ema_update, load_timm_weights, momentum_copy
 from fne_lightning.errors import FNEError
 from fne_lightning.evaluate import evaluate
+from fne_lightning.models.encoders import DualEncoder, ema_update, load_timm_weights, momentum_copy
 from fne_lightning.train import config_dir, train
+
+from helpers import run_entry_point
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +138,10 @@ def test_hf_hub_name_offline_is_one_line_naming_the_repo_and_the_cache(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    proc = subprocess.run(
-        [sys.executable, "-m", "fne_lightning.evaluate", "model=tiny", "model.name=hf-hub:fne-test/no-such-repo",
-         "data=synthetic", f"paths.cache_dir={cache_dir}", "data.num_train=32", "data.num_val=8", "data.num_test=8",
-         f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = run_entry_point(
+        "evaluate", "model=tiny", "model.name=hf-hub:fne-test/no-such-repo", "data=synthetic",
+        f"paths.cache_dir={cache_dir}", "data.num_train=32", "data.num_val=8", "data.num_test=8",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -8,41 +8,32 @@ between the LightningModule and evaluate; bad input is one ``error:`` line.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from fne_lightning.components.datasets import load_karpathy
-from fne_lightning.components.ranking import topk_neighbours
 from fne_lightning.convert_positives import main as convert_main
+from fne_lightning.data.datasets import load_karpathy
 from fne_lightning.evaluate import evaluate
-from fne_lightning.metrics import coco_1k_scores
-from fne_lightning.train import config_dir, train
+from fne_lightning.retrieval import coco_1k_scores
+from fne_lightning.retrieval.ranking import topk_neighbours
+from fne_lightning.train import train
 
 from conftest import TINY_OVERRIDES, compose_config
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+from helpers import compose_task, run_entry_point, train_tiny, write_karpathy
 
 
 def run_eval(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fne_lightning.evaluate", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_entry_point("evaluate", *args, cwd=cwd, timeout=timeout)
 
 
 def compose_eval(overrides: list[str], output_dir: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("evaluate", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
+    return compose_task("evaluate", overrides, output_dir)
 
 
 def as_logged(metrics: dict[str, float], prefix: str) -> dict[str, np.float32]:
@@ -54,10 +45,7 @@ def as_logged(metrics: dict[str, float], prefix: str) -> dict[str, np.float32]:
 def trained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, dict[str, float]]:
     """best.ckpt of one epoch on the tiny synthetic config, and the metrics training reported."""
     out = tmp_path_factory.mktemp("trained")
-    cfg = compose_config([*TINY_OVERRIDES, "trainer.max_epochs=1"], cache_dir)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    metrics = train(cfg)
+    metrics = train_tiny(out, cache_dir, "trainer.max_epochs=1")
     return out / "checkpoints" / "best.ckpt", metrics
 
 
@@ -104,16 +92,11 @@ def write_dataset(root: Path) -> Path:
     """A Karpathy dataset on disk: 16 train, 4 val and 10 test PNGs, 1-3 captions per test image,
     and a positives file under a non-default name. Also a JSON without a val split."""
     rng = np.random.default_rng(0)
-    images, sentid = [], 0
-    for imgid, split in enumerate(["train"] * 16 + ["val"] * 4 + ["test"] * 10):
-        (root / "img").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "img" / f"{imgid}.png")
-        n = 2 if split != "test" else 1 + imgid % 3
-        sentences = [{"raw": f"Picture {imgid}, caption {k}.", "sentid": sentid + k} for k in range(n)]
-        sentid += n
-        images.append({"imgid": imgid, "filename": f"{imgid}.png", "filepath": "img", "split": split,
-                       "sentences": sentences})
-    (root / "dataset_tiny.json").write_text(json.dumps({"images": images}))
+    path = write_karpathy(root, ["train"] * 16 + ["val"] * 4 + ["test"] * 10,
+                          lambda i, split: [f"Picture {i}, caption {k}." for k in range(2 if split != "test" else 1 + i % 3)],
+                          lambda i: Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)),
+                          name="dataset_tiny.json", ext="png")
+    images = json.loads(path.read_text())["images"]
     (root / "dataset_noval.json").write_text(json.dumps({"images": [i for i in images if i["split"] != "val"]}))
     # Test image 20 is also described by a caption of image 23 (across folds) and of image 21.
     first = {i["imgid"]: i["sentences"][0]["sentid"] for i in images}
@@ -241,3 +224,15 @@ def test_zero_shot_evaluates_an_open_clip_model_without_a_checkpoint(tiny_karpat
                                      "data.pin_memory=false"], tmp_path))
     assert {"test/i2t_r1", "test/t2i_medr", "test/rsum"} <= metrics.keys()
     assert "zero-shot, model `fne-tiny`" in (tmp_path / "metrics.md").read_text()
+
+
+def test_checkpoints_from_before_the_package_layout_still_evaluate(trained, cache_dir: Path, tmp_path: Path) -> None:
+    """Checkpoints store the run config, whose _target_ paths named the old components/ modules."""
+    ckpt_path, train_metrics = trained
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["hyper_parameters"]["model"]["_target_"] = "fne_lightning.components.encoders.DualEncoder"
+    ckpt["hyper_parameters"]["loss"]["_target_"] = "fne_lightning.components.losses.FNELoss"
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    metrics = evaluate(compose_eval([f"ckpt_path={old}", f"paths.cache_dir={cache_dir}"], tmp_path / "eval"))
+    assert as_logged(metrics, "test") == as_logged(train_metrics, "test")

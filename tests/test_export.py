@@ -9,39 +9,27 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 from PIL import Image
 from safetensors.torch import load_file
 
-from fne_lightning.components.encoders import DualEncoder
 from fne_lightning.evaluate import evaluate
 from fne_lightning.export import CONFIG_FILE, WEIGHTS_FILE, export
-from fne_lightning.train import build, config_dir, train
+from fne_lightning.models.encoders import DualEncoder
+from fne_lightning.train import build, train
 
 from conftest import TINY_OVERRIDES, compose_config
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+from helpers import compose_task, run_entry_point, train_tiny
 
 
 def run_export(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fne_lightning.export", *args], cwd=cwd, env=env or ENV,
-                          capture_output=True, text=True, timeout=300)
-
-
-def compose_task(task: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(task, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths = {"output_dir": str(output_dir)}
-    return cfg
+    return run_entry_point("export", *args, cwd=cwd, env=env, timeout=300)
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -56,10 +44,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 def trained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, dict[str, float]]:
     """best.ckpt of one epoch on the tiny synthetic config, and the run's metrics.json."""
     out = tmp_path_factory.mktemp("trained")
-    cfg = compose_config([*TINY_OVERRIDES, "trainer.max_epochs=1"], cache_dir)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    train(cfg)
+    train_tiny(out, cache_dir, "trainer.max_epochs=1")
     return out / "checkpoints" / "best.ckpt", json.loads((out / "metrics.json").read_text())
 
 
@@ -180,7 +165,7 @@ def test_hugging_face_text_tower_ships_its_tokenizer(tmp_path: Path) -> None:
     open_clip.add_model_config(tmp_path / f"{name}.json")
     torch.manual_seed(0)
     encoder = DualEncoder(name=name)
-    model_cfg = {"_target_": "fne_lightning.components.encoders.DualEncoder", "name": name, "pretrained": None,
+    model_cfg = {"_target_": "fne_lightning.models.encoders.DualEncoder", "name": name, "pretrained": None,
                  "pretrained_towers": False, "context_length": None, "image_size": None}
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir(parents=True)

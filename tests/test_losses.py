@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fne_lightning.components.losses import FNELoss, VSELoss, vse_loss
-from fne_lightning.components.positives import PositiveIndex
 from fne_lightning.errors import FNEError
+from fne_lightning.fne.positives import PositiveIndex
+from fne_lightning.losses import FNELoss, VSELoss
+from fne_lightning.losses.vse import vse_loss
 
 # S[i, j] = v_i . t_j; with v = identity rows, t_j is column j of S.
 S = torch.tensor([[0.90, 0.55, 0.10],
@@ -103,7 +104,7 @@ def test_selection_hardest_matches_masked_max() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "key"),
-    [({"memory_size": -1}, "loss.memory_size"), ({"momentum": 1.5}, "loss.momentum"),
+    [({"memory_size": -1}, "loss.memory_size"), ({"warmup_epochs": -1}, "loss.warmup_epochs"),
      ({"match_prior": 1.0}, "loss.match_prior"), ({"tau": 0.0}, "loss.tau"), ({"margin": -0.1}, "loss.margin"),
      ({"cutdown": -0.2}, "loss.cutdown"), ({"weighting": "soft"}, "loss.weighting"),
      ({"selection": "random"}, "loss.selection"), ({"warmup_loss": "infonce"}, "loss.warmup_loss")],

@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchmetrics.retrieval import RetrievalHitRate
 
-from fne_lightning.components.ranking import _positive_stats
 from fne_lightning.errors import FNEError
-from fne_lightning.metrics import RetrievalMetric, coco_1k_scores, retrieval_scores
+from fne_lightning.retrieval.metric import RetrievalMetric, coco_1k_scores, retrieval_scores
+from fne_lightning.retrieval.ranking import _positive_stats
 
 STANDARD_KEYS = [f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr", "meanr")] + ["rsum"]
 

@@ -54,7 +54,7 @@ def test_momentum_encoder_is_not_optimised_and_everything_fne_keeps_is_checkpoin
         ["loss.weighting=complement"],
         ["loss.selection=hardest"],
         ["loss.warmup_epochs=0", "loss.warmup_loss=vse0"],
-        ["loss.momentum=0.0", "loss.match_prior=0.01"],
+        ["momentum=0.0", "loss.match_prior=0.01"],
         ["loss=vsepp"],
         ["loss=vse0"],
     ],

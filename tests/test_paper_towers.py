@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from fne_lightning.components import synthetic
+from fne_lightning.data import synthetic
+from fne_lightning.data.captions import clean_caption
 from fne_lightning.evaluate import evaluate
 from fne_lightning.train import config_dir, train
 
@@ -34,7 +35,7 @@ def towers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("towers")
     rng = np.random.default_rng(0)
     words = {w for _ in range(1000) for _, raw in synthetic.make_captions(synthetic.sample_scene(rng), rng)
-             for w in synthetic.tokenize(raw)}
+             for w in clean_caption(raw).split()}
     vocab = out / "vocab.txt"
     vocab.write_text("\n".join(SPECIAL + sorted(words)) + "\n")
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from fne_lightning.components.losses import FNELoss, VSELoss
+from fne_lightning.losses import FNELoss, VSELoss
 from fne_lightning.module import RetrievalModule
 from fne_lightning.train import config_dir, normalize_experiment_args
 
@@ -46,13 +46,13 @@ def test_every_loss_builds_on_every_experiment(experiment: str, loss: str, tiny_
 def test_recipes_set_what_they_promise(tmp_path: Path) -> None:
     paper = compose_config(["experiment=f30k_vse"], tmp_path)
     # The published FNE settings come from loss/fne.yaml, not from the experiment.
-    assert (paper.loss.memory_size, paper.loss.momentum, paper.loss.warmup_epochs) == (8224, 0.995, 1)
+    assert (paper.loss.memory_size, paper.momentum, paper.loss.warmup_epochs) == (8224, 0.995, 1)
     assert (paper.optim.optimizer.lr, paper.trainer.max_epochs, paper.data.batch_size) == (2e-5, 25, 32)
     baseline = compose_config(["experiment=f30k_vse", "loss=vsepp"], tmp_path)
     assert baseline.loss._target_.endswith("VSELoss") and "memory_size" not in baseline.loss
     assert baseline.optim.optimizer.lr == 2e-5 and baseline.model.name == paper.model.name
     synthetic = compose_config(["experiment=synthetic"], tmp_path)
-    assert (synthetic.loss.memory_size, synthetic.loss.momentum) == (1024, 0.9)  # loss/tuning/synthetic_fne
+    assert (synthetic.loss.memory_size, synthetic.momentum) == (1024, 0.9)  # loss/tuning/synthetic_fne
     assert compose_config(["experiment=synthetic", "loss=vsepp"], tmp_path).loss.warmup_epochs == 10
     plain = compose_config(["experiment=none"], tmp_path)
     assert (plain.loss.memory_size, plain.optim.optimizer.lr, plain.trainer.max_epochs) == (8224, 2e-5, 25)

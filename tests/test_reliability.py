@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from fne_lightning.errors import FNEError
 from fne_lightning.train import train
 
 from conftest import TINY_OVERRIDES
+from helpers import start_entry_point
 
 # 32 images x 5 captions / batch 16 = 10 steps per epoch; 26 steps end mid-epoch 2 and the
 # interrupted run stops at step 13, mid-epoch 1 (batch 3): the hard case for a resume.
@@ -114,9 +114,7 @@ def test_nonfinite_skip_drops_the_batch_before_it_reaches_bank_or_weights(cfg: D
 
 
 def cli(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "fne_lightning.train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_entry_point("train", *args, cwd=cwd)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -9,16 +9,15 @@ import zlib
 import pytest
 import torch
 
-from fne_lightning.components.bank import MemoryBank
-from fne_lightning.components.sampling import (
+from fne_lightning.fne.bank import MemoryBank
+from fne_lightning.fne.negatives import (
     false_negative_posterior,
     fne_weights,
     hardest_negatives,
-    hardness_weights,
-    inverse_cdf,
     sample_negatives,
+    search_cdf,
 )
-from fne_lightning.components.stats import Gaussians, SimilarityStats
+from fne_lightning.fne.stats import Gaussians, SimilarityStats
 
 
 def gaussians(
@@ -162,7 +161,7 @@ def test_bf16_scores_are_computed_in_fp32():
     s = torch.rand(3, 5)
     s_before = s.clone()
     fne_weights(s, torch.rand(3), torch.ones(3, 5, dtype=torch.bool), g)
-    hardness_weights(s, torch.rand(3), 0.5)
+    fne_weights(s, torch.rand(3), torch.ones(3, 5, dtype=torch.bool), g, posterior=False, cutdown=None)
     assert torch.equal(s, s_before)  # fp32 input is not modified in place
 
 
@@ -193,16 +192,16 @@ def test_sampler_frequencies_match_weights():
     assert abs(wilson_hilferty_critical(9) - 27.877) < 0.3  # sanity of the approximation
 
 
-def test_inverse_cdf_edges():
+def test_search_cdf_edges():
     w = torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     # u = 0 takes the first positive weight; u -> 1 (and u * total rounding up to total,
     # simulated by u = 1) the last positive weight, never the zeros after it.
-    assert inverse_cdf(w, torch.zeros(2))[0] == 1
-    assert inverse_cdf(w, torch.full((2,), 1.0 - 2**-24))[0] == 3
-    assert inverse_cdf(w, torch.ones(2))[0] == 3
-    assert inverse_cdf(w, torch.full((2,), 0.6))[0] == 1  # 0.6 * 3 = 1.8 < cdf_1 = 2
-    assert inverse_cdf(w, torch.full((2,), 0.7))[0] == 3
-    index = inverse_cdf(w, torch.rand(2))
+    assert search_cdf(w.cumsum(1), torch.zeros(2))[0] == 1
+    assert search_cdf(w.cumsum(1), torch.full((2,), 1.0 - 2**-24))[0] == 3
+    assert search_cdf(w.cumsum(1), torch.ones(2))[0] == 3
+    assert search_cdf(w.cumsum(1), torch.full((2,), 0.6))[0] == 1  # 0.6 * 3 = 1.8 < cdf_1 = 2
+    assert search_cdf(w.cumsum(1), torch.full((2,), 0.7))[0] == 3
+    index = search_cdf(w.cumsum(1), torch.rand(2))
     assert ((index >= 0) & (index < 6)).all()
 
 

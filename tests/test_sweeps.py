@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -14,6 +12,7 @@ import yaml
 from fne_lightning.sweep import varying_keys, write_results
 
 from conftest import TINY_OVERRIDES, compose_config
+from helpers import offline_env, run_entry_point
 
 # One epoch of FNE (no warm-up) per job, without figures or progress bars: the sweep machinery is
 # under test here.
@@ -24,10 +23,7 @@ QUIET = [*TINY_OVERRIDES, "trainer.max_epochs=1", "loss.warmup_epochs=0", "figur
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     # One intra-op thread: the tiny model gains nothing from more, and on a busy machine OpenMP
     # threads that wait for each other made each job several times slower.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "fne_lightning.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_entry_point("train", *args, cwd=cwd, env=offline_env(OMP_NUM_THREADS="1"), timeout=timeout)
 
 
 def read_results(sweep_dir: Path) -> list[dict[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fne_lightning.components import synthetic
-from fne_lightning.components.synthetic import POSITIVES_NAME, build_synthetic, caption_matches, render_scene
+from fne_lightning.data import synthetic
+from fne_lightning.data.synthetic import POSITIVES_NAME, build_synthetic, render_scene
 from fne_lightning.errors import FNEError
 
 SIZES = {"num_train": 40, "num_val": 10, "num_test": 10}
@@ -20,6 +21,22 @@ SIZES = {"num_train": 40, "num_val": 10, "num_test": 10}
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_synthetic(tmp_path_factory.mktemp("synthetic"), **SIZES)
+
+
+def caption_matches(meaning: dict[str, Any], scene: dict[str, Any]) -> bool:
+    """Test oracle of ``synthetic.match_matrix``, one pair at a time: whether every attribute, relation, count and background stated in ``meaning`` holds in ``scene``."""
+    objs = scene["objects"]
+    if meaning.get("count", len(objs)) != len(objs):
+        return False
+    if any(scene["background"][k] != v for k, v in meaning.get("background", {}).items()):
+        return False
+    relation = {None: None, "left_of": ("left", "right"), "above": ("top", "bottom")}[meaning.get("relation")]
+    for chosen in itertools.permutations(objs, len(meaning["objects"])):  # distinct objects
+        if all(o[k] == v for want, o in zip(meaning["objects"], chosen, strict=True) for k, v in want.items()) and (
+                relation is None or (chosen[0]["position"], chosen[1]["position"]) == relation):
+            return True
+    return False
+
 
 
 def _load(json_path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:

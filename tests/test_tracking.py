@@ -14,8 +14,9 @@ import torch
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from fne_lightning.components import plots
-from fne_lightning.components.stats import confident_samples
+from fne_lightning.callbacks import SimilarityReservoir, wandb_tables
+from fne_lightning.fne.stats import confident_samples
+from fne_lightning.retrieval import examples, plots
 from fne_lightning.train import train, wandb_offline
 
 from conftest import TINY_OVERRIDES, compose_config
@@ -144,7 +145,7 @@ def test_wandb_is_offline_unless_logged_in(monkeypatch: pytest.MonkeyPatch, tmp_
 
 def test_reservoir_keeps_the_latest_confident_samples_of_the_statistics() -> None:
     gen = torch.Generator().manual_seed(0)
-    reservoir = plots.SimilarityReservoir(capacity=20)
+    reservoir = SimilarityReservoir(capacity=20)
     batches = []
     for _ in range(3):  # 3 batches of 8 pairs: 24 positive slots written into 20
         v = torch.nn.functional.normalize(torch.randn(8, 4, generator=gen), dim=1)
@@ -169,18 +170,18 @@ def test_retrieval_examples_mark_pairs_true_matches_and_misses() -> None:
     text_features = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0.6, 0.8], [0.8, 0.6, 0]])
     t2i = torch.tensor([0, 1, 2, 1])
     pairs = torch.tensor([[0, 0], [1, 1], [2, 2], [1, 3], [0, 3]])
-    ex = plots.retrieval_examples(image_features, text_features, t2i, pairs, num_queries=4, k=2)
+    ex = examples.retrieval_examples(image_features, text_features, t2i, pairs, num_queries=4, k=2)
     assert ex.text_queries.tolist() == [0, 1, 2, 3] and ex.image_queries.tolist() == [0, 1, 2]
     assert ex.text_results.tolist() == [[0, 1], [1, 0], [2, 1], [0, 1]]  # caption 3 -> image 0 first
-    assert ex.text_marks[3].tolist() == [plots.TRUE_MATCH, plots.PAIRED]
-    assert ex.text_marks[0].tolist() == [plots.PAIRED, plots.NO_MATCH]
+    assert ex.text_marks[3].tolist() == [examples.TRUE_MATCH, examples.PAIRED]
+    assert ex.text_marks[0].tolist() == [examples.PAIRED, examples.NO_MATCH]
     assert ex.image_results[0].tolist() == [0, 3]
-    assert ex.image_marks[0].tolist() == [plots.PAIRED, plots.TRUE_MATCH]
+    assert ex.image_marks[0].tolist() == [examples.PAIRED, examples.TRUE_MATCH]
     # Without declared positives, only the pairs are marked.
-    ex = plots.retrieval_examples(image_features, text_features, t2i, None, num_queries=4, k=2)
-    assert ex.text_marks[3].tolist() == [plots.NO_MATCH, plots.PAIRED]
+    ex = examples.retrieval_examples(image_features, text_features, t2i, None, num_queries=4, k=2)
+    assert ex.text_marks[3].tolist() == [examples.NO_MATCH, examples.PAIRED]
     # Figures and tables build from these rows.
     rows = plots.example_rows(ex, ["a", "b", "c", "d"], lambda i: Image.new("RGB", (20, 30), "red"))
     assert plots.retrieval_figure(*rows).get_size_inches()[0] > 0
-    tables = plots.table_data(*rows)
+    tables = wandb_tables(*rows)
     assert tables["t2i"][0] == ["caption", "top 1", "top 2"] and len(tables["i2t"][1]) == 3

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from omegaconf import DictConfig, open_dict
 from fne_lightning.train import train
 
 from conftest import TINY_OVERRIDES
+from helpers import run_entry_point
 
 FNE_KEYS = {"pos_mean", "pos_std", "neg_mean", "neg_std", "flagged_rate", "cutdown_rate", "sampled_sim",
             "hardest_sim", "sampled_fn_rate", "hardest_fn_rate"}
@@ -48,9 +47,7 @@ def test_short_run_learns_and_writes_metrics(cfg: DictConfig) -> None:
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "fne_lightning.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_entry_point("train", *args, cwd=cwd, timeout=timeout)
 
 
 def test_cli_trains_fne_logs_every_diagnostic_and_writes_metrics(tmp_path: Path, cache_dir: Path) -> None:

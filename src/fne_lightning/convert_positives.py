@@ -22,9 +22,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from fne_lightning.components.datasets import read_json
+from fne_lightning.data.datasets import read_json
 from fne_lightning.errors import FNEError, report_user_errors
-from fne_lightning.report import write_json
+from fne_lightning.utils.report import write_json
 
 
 def normalise(text: str) -> str:

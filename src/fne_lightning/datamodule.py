@@ -19,8 +19,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from fne_lightning.components.captions import clean_caption
-from fne_lightning.components.datasets import (
+from fne_lightning.data.captions import clean_caption
+from fne_lightning.data.datasets import (
     CaptionSplit,
     ImageInputs,
     ImageStore,
@@ -31,11 +31,11 @@ from fne_lightning.components.datasets import (
     load_albef,
     load_karpathy,
 )
-from fne_lightning.components.encoders import ImageConfig
-from fne_lightning.components.samplers import ResumableLoader, ResumableSampler
-from fne_lightning.components.synthetic import build_synthetic
-from fne_lightning.components.transforms import build_transform, is_random
+from fne_lightning.data.order import ResumableLoader, ResumableSampler
+from fne_lightning.data.synthetic import build_synthetic
+from fne_lightning.data.transforms import build_transform, is_random
 from fne_lightning.errors import FNEError, check
+from fne_lightning.models.encoders import ImageConfig
 
 STAGES = ("train", "val", "test")
 

@@ -6,7 +6,7 @@ Scores image-text retrieval with the protocol of FNE_SPEC sections 9-10: i2t and
 medr, meanr, rsum; with ``data.test_folds`` also the mean over consecutive folds (COCO 1K); with
 extra positives also R-Precision, mAP@R and any-positive R@K. Every unique image and every
 caption is encoded once, in batches, under ``torch.inference_mode()`` (bf16 autocast on CUDA),
-through the same datamodule and :class:`~fne_lightning.metrics.RetrievalMetric` that
+through the same datamodule and :class:`~fne_lightning.retrieval.metric.RetrievalMetric` that
 ``trainer.test`` uses, so a checkpoint scores here exactly what training reported for it.
 
 A checkpoint is read with ``torch.load(weights_only=True)`` and rebuilt from the run config it
@@ -27,8 +27,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fne_lightning.errors import FNEError, check, report_user_errors
-from fne_lightning.report import atomic_write
 from fne_lightning.train import config_dir
+from fne_lightning.utils.report import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,10 @@ def _group(cfg: DictConfig, trained: dict[str, Any], group: str) -> DictConfig |
 
 
 def _mismatch(ckpt_path: Path, trained: dict[str, Any], used: DictConfig, detail: str) -> FNEError:
-    """One line naming the checkpoint, what it was trained with, what was requested, and ``detail``."""
-    used = OmegaConf.to_container(used, resolve=True)
-    changed = [f"model.{k}={used.get(k)!r} (checkpoint: {trained.get(k)!r})" for k in sorted(set(used) | set(trained))
-               if k not in ("_target_", "name", *NO_DOWNLOAD) and used.get(k) != trained.get(k)]
-    requested = f"model.name={used.get('name')!r}" + (" with " + ", ".join(changed) if changed else "")
-    return FNEError(f"ckpt_path={str(ckpt_path)!r}: trained with model.name={trained.get('name')!r}, "
-                    f"requested {requested}: {detail}")
+    from fne_lightning.utils.checkpoints import checkpoint_mismatch
+
+    return checkpoint_mismatch(ckpt_path, trained, OmegaConf.to_container(used, resolve=True), detail,
+                               ignore=tuple(NO_DOWNLOAD))
 
 
 def build_encoder(model_cfg: DictConfig, ckpt: dict[str, Any] | None, ckpt_path: Path | None) -> Any:
@@ -71,7 +68,7 @@ def build_encoder(model_cfg: DictConfig, ckpt: dict[str, Any] | None, ckpt_path:
     import open_clip
     from hydra.utils import instantiate
 
-    from fne_lightning.components.checkpoints import state_mismatch
+    from fne_lightning.utils.checkpoints import state_mismatch
 
     if ckpt is None:
         return instantiate(model_cfg)
@@ -160,7 +157,7 @@ def save_retrievals(path: Path, split: Any, image_root: str, images: Any, texts:
                     chunk_size: int | None) -> None:
     """The ``k`` best captions of every image and images of every caption, with scores, whether
     each is the ground truth (``correct``) and, with extra positives, a declared ``positive``."""
-    from fne_lightning.components.ranking import topk_neighbours
+    from fne_lightning.retrieval.ranking import topk_neighbours
 
     t2i = split.text_to_image.tolist()
     names = [_relative(p, image_root) for p in split.image_paths]
@@ -216,10 +213,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import torch
     from hydra.utils import instantiate
 
-    from fne_lightning.components.checkpoints import load_checkpoint
-    from fne_lightning.components.datasets import positive_pairs_tensor
-    from fne_lightning.metrics import RetrievalMetric
-    from fne_lightning.report import format_markdown, format_table, write_json
+    from fne_lightning.data.datasets import positive_pairs_tensor
+    from fne_lightning.retrieval.metric import RetrievalMetric
+    from fne_lightning.utils.checkpoints import load_checkpoint
+    from fne_lightning.utils.report import format_markdown, format_table, write_json
 
     ckpt = load_checkpoint(ckpt_path, bool(cfg.trust_checkpoint)) if ckpt_path else None
     trained = (ckpt.get("hyper_parameters") or {}) if ckpt else {}
@@ -282,8 +279,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from fne_lightning.logs import configure_logging
     from fne_lightning.train import verbose_run
+    from fne_lightning.utils.logs import configure_logging
 
     configure_logging(verbose_run(cfg))
     with report_user_errors():

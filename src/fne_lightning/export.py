@@ -14,7 +14,7 @@ open_clip loads with ``open_clip.create_model_and_transforms("local-dir:DIR")`` 
   local-dir tokenizer reads them from the directory itself).
 - ``README.md``: a model card with the training config and the run's test metrics.
 
-The checkpoint is read safely (:func:`~fne_lightning.components.checkpoints.load_checkpoint`)
+The checkpoint is read safely (:func:`~fne_lightning.utils.checkpoints.load_checkpoint`)
 and the encoder rebuilt and loaded strictly as ``fne_lightning.evaluate`` does, so a checkpoint
 that does not fit its own config is refused before anything is written.
 """
@@ -34,8 +34,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fne_lightning.errors import FNEError, check, report_user_errors
-from fne_lightning.report import atomic_write
 from fne_lightning.train import config_dir
+from fne_lightning.utils.report import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 def model_config(name: str, model: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """open_clip's config of architecture ``name`` with the run's ``model.*`` overrides applied as
     ``DualEncoder`` applied them, and notes for the model card on what plain open_clip needs."""
-    from fne_lightning.components.encoders import resolve_model_config
+    from fne_lightning.models.encoders import resolve_model_config
 
     cfg = resolve_model_config(name, model.get("cache_dir"))
     vision, text, notes = cfg["vision_cfg"], cfg["text_cfg"], []
@@ -77,7 +77,7 @@ def model_config(name: str, model: Mapping[str, Any]) -> tuple[dict[str, Any], l
 
 
 def preprocess_config(image: Any) -> dict[str, Any]:
-    """open_clip ``PreprocessCfg`` equal to our eval transform (``components/transforms.py``):
+    """open_clip ``PreprocessCfg`` equal to our eval transform (``data/transforms.py``):
     ``squash`` is a plain ``Resize((size, size))``, no shorter-side resize or centre crop."""
     return {"size": image.size, "mode": "RGB", "mean": list(image.mean), "std": list(image.std),
             "interpolation": "bicubic", "resize_mode": "squash", "fill_color": 0}
@@ -144,7 +144,7 @@ def model_card(title: str, hparams: Mapping[str, Any], metrics: dict[str, float]
                metrics_path: Path | None, ckpt_path: Path, tokenizer_files: list[str],
                notes: list[str] | None = None) -> str:
     """README.md of the directory: what it is, how to load it, its test metrics and training config."""
-    from fne_lightning.report import format_markdown
+    from fne_lightning.utils.report import format_markdown
 
     model = hparams.get("model") or {}
     loss = hparams.get("loss") or {}
@@ -175,7 +175,7 @@ def model_card(title: str, hparams: Mapping[str, Any], metrics: dict[str, float]
         "`preprocess` resizes to the model's size x size (bicubic, no crop) and normalises as in training's "
         "evaluation, so these embeddings equal fne-lightning's. Captions were cleaned before tokenization "
         f"(`{json.dumps(caption)}`: lower-case, punctuation stripped, first words kept; "
-        "`fne_lightning.components.captions.clean_caption`); clean queries the same way to match the "
+        "`fne_lightning.data.captions.clean_caption`); clean queries the same way to match the "
         "reported numbers exactly.",
     ]
     if tokenizer_files:
@@ -209,7 +209,8 @@ def _offline() -> bool:
 def push_to_hub(out_dir: Path, repo_id: str, private: bool) -> str:
     """Upload ``out_dir`` to the Hugging Face model repo ``repo_id``; returns its URL."""
     later = (f"the directory was written locally to {out_dir}; upload it later with "
-             f"`hf upload {repo_id} {out_dir} .` (after `hf auth login`)")
+             f"`hf upload {repo_id} {out_dir} .` (after `hf auth login`; `huggingface-cli upload` / `login` "
+             "before huggingface_hub 0.34)")
     if _offline():
         raise FNEError(f"push_to_hub={repo_id!r}: Hugging Face Hub is offline (HF_HUB_OFFLINE); {later}")
     from huggingface_hub import create_repo, upload_folder
@@ -259,8 +260,8 @@ def check_inputs(cfg: DictConfig) -> tuple[Path, Path, Path, str | None]:
 def export(cfg: DictConfig) -> Path:
     """Write the open_clip directory of ``cfg`` (``conf/export.yaml``); returns its path."""
     ckpt_path, out_dir, metrics_path, repo_id = check_inputs(cfg)
-    from fne_lightning.components.checkpoints import load_checkpoint
     from fne_lightning.evaluate import build_encoder
+    from fne_lightning.utils.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path, bool(cfg.trust_checkpoint))
     hparams = dict(ckpt.get("hyper_parameters") or {})
@@ -296,8 +297,8 @@ def export(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def main(cfg: DictConfig) -> None:
-    from fne_lightning.logs import configure_logging
     from fne_lightning.train import verbose_run
+    from fne_lightning.utils.logs import configure_logging
 
     with report_user_errors():
         check_inputs(cfg)  # bad input answers before Lightning (imported by configure_logging) loads

@@ -27,7 +27,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fne_lightning.report import atomic_write
+from fne_lightning.utils.report import atomic_write
 
 log = logging.getLogger(__name__)
 

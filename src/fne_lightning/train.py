@@ -126,7 +126,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
         scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
         config=OmegaConf.to_container(cfg, resolve=True),
         seed=int(cfg.seed),
-        figures=OmegaConf.to_container(cfg.figures) if cfg.get("figures") else None,
+        momentum=float(cfg.momentum),
         nonfinite=cfg.get("nonfinite", "stop"),
     )
     return module, datamodule
@@ -134,8 +134,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
 
 def check_resume(cfg: DictConfig, module: Any) -> Path | None:
     """The checkpoint to resume from, after checking it loads safely and fits the configured model."""
-    from fne_lightning.components.checkpoints import load_checkpoint, state_mismatch
-    from fne_lightning.errors import FNEError
+    from fne_lightning.utils.checkpoints import checkpoint_mismatch, load_checkpoint, state_mismatch
 
     if not cfg.get("ckpt_path"):
         return None
@@ -143,9 +142,8 @@ def check_resume(cfg: DictConfig, module: Any) -> Path | None:
     ckpt = load_checkpoint(path, bool(cfg.get("trust_checkpoint", False)))
     problem = state_mismatch(module.state_dict(), ckpt["state_dict"])
     if problem:
-        trained = (ckpt.get("hyper_parameters") or {}).get("model", {}).get("name")
-        raise FNEError(f"ckpt_path={str(cfg.ckpt_path)!r}: does not fit this run's model (checkpoint trained with "
-                       f"model.name={trained!r}, this run model.name={cfg.model.name!r}): {problem}")
+        trained = (ckpt.get("hyper_parameters") or {}).get("model") or {}
+        raise checkpoint_mismatch(cfg.ckpt_path, trained, OmegaConf.to_container(cfg.model, resolve=True), problem)
     return path
 
 
@@ -162,7 +160,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test, write ``metrics.json``, print the summary; returns the flat metrics."""
     import lightning as L
 
-    from fne_lightning.logs import configure_logging
+    from fne_lightning.utils.logs import configure_logging
 
     check_recipe()
     configure_logging(verbose_run(cfg))
@@ -182,7 +180,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[Any]) -> dict[str, float]:
     import lightning as L
 
-    from fne_lightning.report import print_summary, write_json
+    from fne_lightning.utils.report import print_summary, write_json
 
     callbacks = instantiate_all(cfg.get("callbacks"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger

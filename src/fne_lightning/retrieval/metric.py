@@ -14,8 +14,9 @@ Our R@K is a hit rate: torchmetrics' ``RetrievalHitRate`` computes the same quan
 captions) and, since torchmetrics 1.8, drops candidates whose score is <= 0, which cosine scores
 often are.
 
-The ranking itself is pure PyTorch in :mod:`fne_lightning.components.ranking`;
-:class:`RetrievalMetric` only accumulates features across batches and ranks (DDP-safe).
+The ranking itself is pure PyTorch in :mod:`fne_lightning.retrieval.ranking` (``retrieval_scores``,
+``coco_1k_scores``); :class:`RetrievalMetric` only accumulates features across batches and ranks
+(DDP-safe) and calls them.
 """
 
 from __future__ import annotations
@@ -27,55 +28,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from fne_lightning.components.ranking import retrieval_scores
 from fne_lightning.errors import FNEError
-
-__all__ = ["RetrievalMetric", "coco_1k_scores", "retrieval_scores"]
-
-
-def coco_1k_scores(
-    image_features: Tensor,
-    text_features: Tensor,
-    text_to_image: Tensor,
-    positive_pairs: Tensor | None = None,
-    num_folds: int = 5,
-    **kw: Any,
-) -> dict[str, float]:
-    """COCO 1K protocol: :func:`retrieval_scores` averaged over ``num_folds`` consecutive folds.
-
-    Fold f holds images ``[f * n, (f + 1) * n)`` with ``n = N_img / num_folds`` and the captions
-    of those images (in any order in the input), re-indexed; positive pairs are kept where both
-    sides fall in the fold. Shapes as in :func:`retrieval_scores`; ``kw`` goes to it. Every key
-    is the mean of the fold values (so rsum is the mean of the fold rsums).
-    """
-    n_img = image_features.shape[0]
-    if not isinstance(num_folds, int) or num_folds < 1 or n_img % num_folds:
-        raise FNEError(
-            f"num_folds={num_folds!r}: expected a positive divisor of the number of images ({n_img})"
-        )
-    fold = n_img // num_folds
-    text_to_image = text_to_image.to(image_features.device).long()
-    fold_of_caption = text_to_image // fold  # (N_txt,)
-    index_in_fold = torch.empty_like(text_to_image)  # (N_txt,) caption index inside its fold
-    pairs = None if positive_pairs is None else positive_pairs.to(image_features.device).long()
-    totals: dict[str, float] = {}
-    for f in range(num_folds):
-        captions = (fold_of_caption == f).nonzero().squeeze(1)  # (n_f,) in input order
-        index_in_fold[captions] = torch.arange(captions.numel(), device=captions.device)
-        fold_pairs = None
-        if pairs is not None:
-            keep = (pairs[:, 0] // fold == f) & (fold_of_caption[pairs[:, 1]] == f)
-            fold_pairs = torch.stack([pairs[keep, 0] - f * fold, index_in_fold[pairs[keep, 1]]], 1)
-        scores = retrieval_scores(
-            image_features[f * fold : (f + 1) * fold],
-            text_features[captions],
-            text_to_image[captions] - f * fold,
-            fold_pairs,
-            **kw,
-        )
-        for key, value in scores.items():
-            totals[key] = totals.get(key, 0.0) + value
-    return {key: value / num_folds for key, value in totals.items()}
+from fne_lightning.retrieval.ranking import coco_1k_scores, retrieval_scores
 
 
 def _unique_by_index(features: Tensor, indices: Tensor, expected: int, modality: str) -> Tensor:

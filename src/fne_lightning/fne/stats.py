@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fne_lightning.components.distributed import gather_no_grad, is_distributed
+from fne_lightning.utils.distributed import gather_no_grad, is_distributed
 
 # Smallest variance reported by `SimilarityStats`: the posterior divides by the
 # variances, so a degenerate fit (fewer than 2 samples, or identical samples) must not

@@ -19,11 +19,9 @@ compare within a split, and cross-split lists would make the file several times 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fne_lightning.data.captions import clean_caption
 from fne_lightning.errors import FNEError, check
 
 FORMAT_VERSION = 1  # bump whenever scenes, captions or files change, so old caches are not reused
@@ -259,26 +258,6 @@ def make_captions(scene: dict[str, Any], rng: np.random.Generator, n: int = CAPT
     return list(captions.values())
 
 
-def tokenize(raw: str) -> list[str]:
-    """Karpathy-style tokens: lower case, punctuation stripped (spec section 8)."""
-    return re.sub(r"[-/]", " ", re.sub(r"[,.'!?\"()*#:;~]", "", raw.lower())).split()
-
-
-def caption_matches(meaning: dict[str, Any], scene: dict[str, Any]) -> bool:
-    """Whether every attribute, relation, count and background stated in ``meaning`` holds in ``scene``."""
-    objs = scene["objects"]
-    if meaning.get("count", len(objs)) != len(objs):
-        return False
-    if any(scene["background"][k] != v for k, v in meaning.get("background", {}).items()):
-        return False
-    relation = {None: None, "left_of": ("left", "right"), "above": ("top", "bottom")}[meaning.get("relation")]
-    for chosen in itertools.permutations(objs, len(meaning["objects"])):  # distinct objects
-        if all(o[k] == v for want, o in zip(meaning["objects"], chosen, strict=True) for k, v in want.items()) and (
-                relation is None or (chosen[0]["position"], chosen[1]["position"]) == relation):
-            return True
-    return False
-
-
 def _codes(items: list[dict[str, Any]], keys: tuple[str, ...], values: tuple[tuple, ...]) -> np.ndarray:
     """Mixed-radix code per item: each attribute as value index + 1, 0 when absent."""
     code = np.zeros(len(items), dtype=np.int64)
@@ -296,7 +275,9 @@ def _table(keys: tuple[str, ...], values: tuple[tuple, ...]) -> np.ndarray:
 
 
 def match_matrix(scenes: list[dict[str, Any]], meanings: list[dict[str, Any]], chunk: int = 256) -> np.ndarray:
-    """Vectorised ``caption_matches`` for every pair: a bool array of shape (len(scenes), len(meanings))."""
+    """Whether every attribute, relation, count and background stated in each caption's meaning
+    holds in each scene: a bool array of shape (len(scenes), len(meanings)), vectorised
+    (``tests/test_synthetic.py`` checks it against a plain per-pair oracle)."""
     bg_keys, bg_values = ("kind", "colour"), (BG_KINDS, tuple(BG_COLOURS))
     obj_table, bg_table = _table(_OBJECT_KEYS, _ATTR_VALUES), _table(bg_keys, bg_values)
     image_objs = [_codes([s["objects"][k] if k < len(s["objects"]) else {} for s in scenes], _OBJECT_KEYS, _ATTR_VALUES)
@@ -337,7 +318,7 @@ def _write_dataset(out: Path, sizes: tuple[int, int, int], image_size: int, seed
             imgid, scene = len(images), sample_scene(rng)
             filename = f"{imgid:06d}.png"
             render_scene(scene, image_size).save(out / "images" / filename, format="PNG")
-            sentences = [{"raw": raw, "tokens": tokenize(raw), "imgid": imgid, "sentid": imgid * CAPTIONS_PER_IMAGE + j,
+            sentences = [{"raw": raw, "tokens": clean_caption(raw, max_words=None).split(), "imgid": imgid, "sentid": imgid * CAPTIONS_PER_IMAGE + j,
                           "meaning": meaning} for j, (meaning, raw) in enumerate(make_captions(scene, rng))]
             images.append({"imgid": imgid, "filename": filename, "filepath": "images", "split": split,
                            "sentids": [s["sentid"] for s in sentences], "sentences": sentences, "scene": scene})

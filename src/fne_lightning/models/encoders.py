@@ -148,7 +148,7 @@ def load_timm_weights(trunk: nn.Module, path: str, weights_only: bool = True) ->
     for k in [k for k in state if k.startswith("norm.")]:
         if k not in own and f"fc_{k}" in own and f"fc_{k}" not in state:
             state[f"fc_{k}"] = state.pop(k)
-    from fne_lightning.components.checkpoints import state_mismatch
+    from fne_lightning.utils.checkpoints import state_mismatch
 
     problem = state_mismatch(own, state)
     if problem:

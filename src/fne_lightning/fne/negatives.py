@@ -4,7 +4,7 @@ Li et al., "Your Negative May not Be True Negative: Boosting Image-Text Matching
 False Negative Elimination", ACM MM 2023 (arXiv 2308.04380). For each anchor i and
 candidate j (score s_ij, positive score s_i+):
 
-1. hardness weight      w_ij = exp(-tau (s_ij - s_i+)^2)
+1. hardness weight      w_ij = exp(-tau (s_ij - s_i+)^2)  (``fne_weights(posterior=False, cutdown=None)``)
 2. if the Gaussians are ready, with the false-negative posterior
    p_fn(s) = sigmoid(log N+(s) - log N-(s) - log(1/match_prior - 1)):
    "reference" (published): w_ij = exp(-tau p_fn) where p_fn > 1 - false_margin;
@@ -29,7 +29,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from fne_lightning.components.stats import Gaussians
+from fne_lightning.fne.stats import Gaussians
 
 Weighting = Literal["reference", "complement"]
 
@@ -87,13 +87,6 @@ def false_negative_posterior(
     )
     logit = torch.addcmul(b.float(), s, a.float())  # (B, N), the only buffer
     return logit.mul_(s).add_(c.float()).sigmoid_()
-
-
-@torch.no_grad()
-def hardness_weights(scores: Tensor, positive_scores: Tensor, tau: float) -> Tensor:
-    """exp(-tau (s_ij - s_i+)^2): scores (B, N), positive_scores (B,) -> (B, N) fp32."""
-    w = scores.float() - positive_scores.float().unsqueeze(1)  # (B, N), fresh buffer
-    return w.square_().mul_(-tau).exp_()
 
 
 @torch.no_grad()
@@ -168,30 +161,23 @@ def _hardest(masked: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     return index, valid.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
-def _search_cdf(cdf: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF lookup on a row-wise cumulative sum (B, N); u (B,) -> index (B,)."""
-    total = cdf[:, -1:].contiguous()  # (B, 1); searchsorted wants contiguous queries
-    index = torch.searchsorted(cdf, u.to(cdf).unsqueeze(1) * total, right=True)  # (B, 1)
-    # u * total may round up to total (then index = N); the last positive weight is the
-    # first j with cdf_j >= total, so cap there.
-    last = torch.searchsorted(cdf, total, right=False)  # (B, 1)
-    return torch.minimum(index, last).clamp_(max=cdf.shape[1] - 1).squeeze(1)
+def search_cdf(cdf: Tensor, u: Tensor) -> Tensor:
+    """Index (B,) long of the first j with cdf_j > u * total, per row of a row-wise cumulative sum
+    ``cdf`` (B, N) of weights; ``u``: (B,) uniforms in [0, 1).
 
-
-@torch.no_grad()
-def inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
-    """Index (B,) long of the first j with cdf_j > u * total, per row of ``weights`` (B, N).
-
-    ``u``: (B,) uniforms in [0, 1). A zero weight adds nothing to the cdf, so its index
-    is never the first to exceed the target; the result is capped at the last positive
-    weight because ``u * total`` can round up to ``total`` in floating point. Rows whose
-    weights are all 0 return an arbitrary in-range index (check the weight there).
+    A zero weight adds nothing to the cdf, so its index is never the first to exceed the target;
+    the result is capped at the last positive weight because ``u * total`` can round up to
+    ``total`` in floating point. Rows whose weights are all 0 return an arbitrary in-range index
+    (check the weight there).
 
     Precision: the cumulative sum is fp32, so a candidate's probability is off by up to
     about 2^-24 * total / weight relative (at most 0.4% for weight 1 and 4% for weight
     0.1 at total 65k; the cut-down usually leaves totals far smaller).
     """
-    return _search_cdf(weights.float().cumsum(dim=1), u)
+    total = cdf[:, -1:].contiguous()  # (B, 1); searchsorted wants contiguous queries
+    index = torch.searchsorted(cdf, u.to(cdf).unsqueeze(1) * total, right=True)  # (B, 1)
+    last = torch.searchsorted(cdf, total, right=False)  # (B, 1): the last positive weight
+    return torch.minimum(index, last).clamp_(max=cdf.shape[1] - 1).squeeze(1)
 
 
 @torch.no_grad()
@@ -205,7 +191,7 @@ def sample_negatives(
 ) -> tuple[Tensor, Tensor]:
     """Draw one candidate per row with probability proportional to ``weights`` (B, N).
 
-    Inverse-CDF sampling (`inverse_cdf`), one uniform per row: ``torch.multinomial`` is
+    Inverse-CDF sampling (`search_cdf`), one uniform per row: ``torch.multinomial`` is
     slow over 65k columns on CPU. Zero-weight entries are never drawn; a row whose
     weights are all 0 takes its hardest valid negative (argmax of ``scores`` over
     ``valid``); a row with no valid candidate returns has_negative False and an
@@ -217,7 +203,7 @@ def sample_negatives(
     """
     u = torch.rand(weights.shape[0], generator=generator, device=weights.device)  # (B,)
     cdf = weights.detach().float().cumsum(dim=1)  # (B, N)
-    index = _search_cdf(cdf, u)  # (B,)
+    index = search_cdf(cdf, u)  # (B,)
     # Accept only a valid entry of positive weight (all-zero rows, rounding, misuse).
     picked = index.unsqueeze(1)
     drawn = (weights.gather(1, picked) > 0).logical_and_(valid.gather(1, picked)).squeeze(1)  # (B,)

@@ -19,16 +19,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def world_size() -> int:
-    """Number of ranks, 1 without an initialised process group."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    """This process's rank, 0 without an initialised process group."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 @torch.no_grad()
 def gather_no_grad(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0, in rank order, without gradient.

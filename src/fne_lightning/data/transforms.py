@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torchvision import transforms as T
 
-from fne_lightning.components.encoders import ImageConfig
+from fne_lightning.models.encoders import ImageConfig
 
 _BICUBIC = T.InterpolationMode.BICUBIC
 

@@ -18,6 +18,29 @@ from torch import Tensor
 
 from fne_lightning.errors import FNEError
 
+# Classes that moved when the package was split into fne/, losses/, data/, retrieval/, models/:
+# the run config stored in older checkpoints names them by their old paths.
+MOVED_TARGETS = {
+    "fne_lightning.components.encoders.": "fne_lightning.models.encoders.",
+    "fne_lightning.components.losses.": "fne_lightning.losses.",
+    "fne_lightning.module.LastCheckpoint": "fne_lightning.callbacks.LastCheckpoint",
+}
+
+
+def upgrade_targets(config: Any) -> Any:
+    """The config with every ``_target_`` of a moved class rewritten to its current path."""
+    if isinstance(config, dict):
+        out = {k: upgrade_targets(v) for k, v in config.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            for old, new in MOVED_TARGETS.items():
+                if target.startswith(old):
+                    out["_target_"] = new + target[len(old):]
+        return out
+    if isinstance(config, list):
+        return [upgrade_targets(v) for v in config]
+    return config
+
 
 def load_checkpoint(path: Path, trust: bool, key: str = "ckpt_path") -> dict[str, Any]:
     """``torch.load`` on the CPU, refusing pickled code unless ``trust``; one clear line on failure.
@@ -44,7 +67,25 @@ def load_checkpoint(path: Path, trust: bool, key: str = "ckpt_path") -> dict[str
     ):
         raise FNEError(f"{key}={str(path)!r}: not a checkpoint of fne_lightning.train (no encoder.* weights "
                        "in its state_dict); for open_clip weights use model=<config> model.pretrained=<file>")
+    if isinstance(ckpt.get("hyper_parameters"), dict):
+        ckpt["hyper_parameters"] = upgrade_targets(ckpt["hyper_parameters"])
     return ckpt
+
+
+def checkpoint_mismatch(ckpt_path: str | Path, trained: Mapping[str, Any], requested: Mapping[str, Any],
+                        detail: str, ignore: tuple[str, ...] = ()) -> FNEError:
+    """One line naming the checkpoint, the model config it was trained with, the one requested
+    (the keys that differ) and ``detail`` (e.g. :func:`state_mismatch`'s first difference).
+
+    ``trained``/``requested``: ``model`` configs (the checkpoint's ``hyper_parameters["model"]``
+    and this run's); keys in ``ignore`` (and ``_target_``) are not compared.
+    """
+    changed = [f"model.{k}={requested.get(k)!r} (checkpoint: {trained.get(k)!r})"
+               for k in sorted(set(requested) | set(trained))
+               if k not in ("_target_", "name", *ignore) and requested.get(k) != trained.get(k)]
+    asked = f"model.name={requested.get('name')!r}" + (" with " + ", ".join(changed) if changed else "")
+    return FNEError(f"ckpt_path={str(ckpt_path)!r}: does not fit the requested model (trained with "
+                    f"model.name={trained.get('name')!r}, requested {asked}): {detail}")
 
 
 def state_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> str | None:

@@ -1,5 +1,5 @@
 """Exact image-text retrieval ranks by counting, in row chunks: the pure functions behind
-:mod:`fne_lightning.metrics`.
+:mod:`fne_lightning.retrieval.metric`.
 
 Protocol: FNE_SPEC section 9 (the VSE++ ranks of Faghri et al. 2018, without the five-captions
 assumption) and section 10 (multi-positive R-Precision and mAP@R of Musgrave et al. 2020, "A Metric
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -345,3 +346,48 @@ def topk_neighbours(
         top = torch.topk(query[a:b].float() @ gallery.T, k, dim=1)  # (C, k) of the (C, N) chunk
         scores[a:b], indices[a:b] = top.values, top.indices
     return scores, indices
+
+
+def coco_1k_scores(
+    image_features: Tensor,
+    text_features: Tensor,
+    text_to_image: Tensor,
+    positive_pairs: Tensor | None = None,
+    num_folds: int = 5,
+    **kw: Any,
+) -> dict[str, float]:
+    """COCO 1K protocol: :func:`retrieval_scores` averaged over ``num_folds`` consecutive folds.
+
+    Fold f holds images ``[f * n, (f + 1) * n)`` with ``n = N_img / num_folds`` and the captions
+    of those images (in any order in the input), re-indexed; positive pairs are kept where both
+    sides fall in the fold. Shapes as in :func:`retrieval_scores`; ``kw`` goes to it. Every key
+    is the mean of the fold values (so rsum is the mean of the fold rsums).
+    """
+    n_img = image_features.shape[0]
+    if not isinstance(num_folds, int) or num_folds < 1 or n_img % num_folds:
+        raise FNEError(
+            f"num_folds={num_folds!r}: expected a positive divisor of the number of images ({n_img})"
+        )
+    fold = n_img // num_folds
+    text_to_image = text_to_image.to(image_features.device).long()
+    fold_of_caption = text_to_image // fold  # (N_txt,)
+    index_in_fold = torch.empty_like(text_to_image)  # (N_txt,) caption index inside its fold
+    pairs = None if positive_pairs is None else positive_pairs.to(image_features.device).long()
+    totals: dict[str, float] = {}
+    for f in range(num_folds):
+        captions = (fold_of_caption == f).nonzero().squeeze(1)  # (n_f,) in input order
+        index_in_fold[captions] = torch.arange(captions.numel(), device=captions.device)
+        fold_pairs = None
+        if pairs is not None:
+            keep = (pairs[:, 0] // fold == f) & (fold_of_caption[pairs[:, 1]] == f)
+            fold_pairs = torch.stack([pairs[keep, 0] - f * fold, index_in_fold[pairs[keep, 1]]], 1)
+        scores = retrieval_scores(
+            image_features[f * fold : (f + 1) * fold],
+            text_features[captions],
+            text_to_image[captions] - f * fold,
+            fold_pairs,
+            **kw,
+        )
+        for key, value in scores.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return {key: value / num_folds for key, value in totals.items()}

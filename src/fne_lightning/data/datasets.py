@@ -263,23 +263,24 @@ def drop_images(split: CaptionSplit, drop: set[int]) -> CaptionSplit:
                         [split.image_keys[i] for i in keep] if split.image_keys else [], pairs)
 
 
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """The RGB image of a file (closed again); a file that does not decode is one clear error."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's decode errors, incl. truncation
+        raise FNEError(f"{path}: cannot decode image ({err})") from None
+
+
 class ImageStore:
     """Loads RGB images by index, optionally decoded once and kept in memory."""
 
     def __init__(self, paths: Sequence[str], preload: bool = False) -> None:
         self.paths = list(paths)
-        self.cache = [self._open(p) for p in self.paths] if preload else None
-
-    @staticmethod
-    def _open(path: str) -> Image.Image:
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's decode errors, incl. truncation
-            raise FNEError(f"{path}: cannot decode image ({err})") from None
+        self.cache = [open_image(p) for p in self.paths] if preload else None
 
     def __getitem__(self, i: int) -> Image.Image:
-        return self.cache[i] if self.cache is not None else self._open(self.paths[i])
+        return self.cache[i] if self.cache is not None else open_image(self.paths[i])
 
 
 Tokenize = Callable[[list[str]], Tensor]

@@ -2,13 +2,14 @@
 
 * :func:`similarity_figure`: histograms of the positive and negative similarities FNE fits its
   two Gaussians to (FNE_SPEC section 4), the fitted Gaussians, the false-negative posterior
-  p_fn(s) of section 5 (computed by :func:`sampling.false_negative_posterior`, not re-derived),
+  p_fn(s) of section 5 (computed by :func:`fne.negatives.false_negative_posterior`, not re-derived),
   the flagging threshold ``1 - false_margin`` and the cut-down ``mu+ - cutdown`` of section 6.
-* :func:`retrieval_examples` + :func:`retrieval_figure`: a few fixed queries with their top-k
-  results, each result marked as the query's own pair, another true match (the dataset's
-  extra positives, FNE_SPEC section 10) or no match.
-* :class:`SimilarityReservoir`: the bounded sample of recent confident similarities that the
-  histograms are drawn from, filled during training without any host sync.
+* :func:`example_rows` + :func:`retrieval_figure`: the examples of ``examples.retrieval_examples``
+  (a few fixed queries with their top-k results, each marked as the query's own pair, another
+  true match or no match) as bordered thumbnails and coloured captions.
+
+The samples of the histograms come from ``callbacks.SimilarityReservoir`` during training, and
+the callback shapes the examples into W&B tables.
 
 Figures are ``matplotlib.figure.Figure`` objects built without pyplot (no global state, the Agg
 canvas), so they work in training processes, threads and notebooks alike.
@@ -18,75 +19,15 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch import Tensor
 
-from fne_lightning.components.positives import PositiveIndex
-from fne_lightning.components.ranking import topk_neighbours
-from fne_lightning.components.sampling import false_negative_posterior
-from fne_lightning.components.stats import confident_samples
-
-# Marks of a retrieved item; None = unknown (e.g. a free-text query).
-PAIRED, TRUE_MATCH, NO_MATCH = 2, 1, 0
-MARKS = {PAIRED: ("paired", "#2ca02c", "✓"), TRUE_MATCH: ("true match", "#1f77b4", "≈"),
-         NO_MATCH: ("no match", "#d62728", "✗"), None: ("", "#7f7f7f", "")}
-
-
-class SimilarityReservoir:
-    """Ring buffers of the most recent confident positive and negative similarities.
-
-    ``add`` takes the same in-batch online similarities as ``SimilarityStats.update`` and keeps
-    the samples the Gaussians are fitted on (``stats.confident_samples``): S_ii of confidently
-    matched pairs and their hardest in-batch negatives. Entries that are not samples are stored
-    as NaN, so every write has a fixed size and the pointer is a host integer: no host sync in
-    the training step. ``samples()`` (once per epoch) syncs and drops the NaNs.
-    """
-
-    def __init__(self, capacity: int = 4096) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity={capacity}: expected >= 1")
-        self.capacity = capacity
-        self.pos: Tensor | None = None  # (C,)
-        self.neg: Tensor | None = None  # (2C,): two negatives per positive
-        self._ptr = [0, 0]
-
-    def reset(self) -> None:
-        if self.pos is not None:
-            self.pos.fill_(float("nan"))
-            self.neg.fill_(float("nan"))
-        self._ptr = [0, 0]
-
-    @torch.no_grad()
-    def add(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor) -> None:
-        """One batch: online features (B, D) of pair i and image ids (B,)."""
-        v, t = image_features.detach().float(), text_features.detach().float()
-        same = image_ids[:, None] == image_ids[None, :]  # (B, B)
-        with torch.autocast(v.device.type, enabled=False):  # fp32, as the statistics (bf16 under autocast)
-            pos, pos_mask, neg, neg_mask = confident_samples(v @ t.T, same)
-        if self.pos is None:
-            self.pos = v.new_full((self.capacity,), float("nan"))
-            self.neg = v.new_full((2 * self.capacity,), float("nan"))
-        nan = v.new_full((), float("nan"))
-        for k, (buf, values) in enumerate(((self.pos, torch.where(pos_mask, pos, nan)),
-                                           (self.neg, torch.where(neg_mask, neg, nan)))):
-            values = values[-buf.numel():].to(buf.dtype)  # a batch larger than the buffer keeps its tail
-            n = values.numel()
-            index = torch.arange(self._ptr[k], self._ptr[k] + n, device=buf.device) % buf.numel()
-            buf.index_copy_(0, index, values)
-            self._ptr[k] = (self._ptr[k] + n) % buf.numel()
-
-    def samples(self) -> tuple[np.ndarray, np.ndarray]:
-        """(positives, negatives) seen so far, as float64 NumPy arrays (host sync)."""
-        if self.pos is None:
-            return np.zeros(0), np.zeros(0)
-        pos, neg = self.pos.double().cpu().numpy(), self.neg.double().cpu().numpy()
-        return pos[np.isfinite(pos)], neg[np.isfinite(neg)]
+from fne_lightning.fne.negatives import false_negative_posterior
+from fne_lightning.retrieval.examples import MARKS, RetrievalExamples
 
 
 def _figure(width: float, height: float, dpi: int = 100, layout: str | None = "constrained") -> Any:
@@ -160,56 +101,6 @@ def similarity_figure(pos_scores: np.ndarray, neg_scores: np.ndarray,
     return fig
 
 
-@dataclass
-class RetrievalExamples:
-    """Top-k results of a few queries; marks are PAIRED, TRUE_MATCH or NO_MATCH."""
-
-    text_queries: np.ndarray  # (Q,) caption indices
-    text_results: np.ndarray  # (Q, k) image indices, best first
-    text_marks: np.ndarray  # (Q, k)
-    image_queries: np.ndarray  # (Q,) image indices
-    image_results: np.ndarray  # (Q, k) caption indices, best first
-    image_marks: np.ndarray  # (Q, k)
-
-
-@torch.no_grad()
-def retrieval_examples(image_features: Tensor, text_features: Tensor, text_to_image: Tensor,
-                       positive_pairs: Tensor | None = None, num_queries: int = 4, k: int = 5,
-                       seed: int = 0) -> RetrievalExamples:
-    """Top-``k`` images of ``num_queries`` captions and top-``k`` captions of as many images.
-
-    ``image_features`` (N_img, D) and ``text_features`` (N_txt, D) in dataset order,
-    ``text_to_image`` (N_txt,), ``positive_pairs`` (P, 2) (image, caption) true matches or None.
-    Queries are drawn with ``seed``, so every epoch shows the same ones.
-    """
-    n_img, n_txt = image_features.shape[0], text_features.shape[0]
-    rng = np.random.default_rng(seed)
-    text_q = np.sort(rng.choice(n_txt, size=min(num_queries, n_txt), replace=False))
-    image_q = np.sort(rng.choice(n_img, size=min(num_queries, n_img), replace=False))
-    img, txt = image_features.float().cpu(), text_features.float().cpu()
-    t2i = text_to_image.long().cpu()
-    index = PositiveIndex()
-    index.set_pairs(None if positive_pairs is None else positive_pairs.cpu(), n_txt)
-
-    def marks(images: Tensor, captions: Tensor) -> np.ndarray:
-        mark = torch.where(index.contains(images, captions), TRUE_MATCH, NO_MATCH)
-        return torch.where(t2i[captions] == images, PAIRED, mark).numpy()
-
-    text_res = topk_neighbours(txt[text_q], img, k)[1]  # (Q, k)
-    image_res = topk_neighbours(img[image_q], txt, k)[1]  # (Q, k)
-    text_q_t, image_q_t = torch.from_numpy(text_q), torch.from_numpy(image_q)
-    return RetrievalExamples(
-        text_q, text_res.numpy(), marks(text_res, text_q_t[:, None]),
-        image_q, image_res.numpy(), marks(image_q_t[:, None], image_res),
-    )
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """RGB image from a file, file closed."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
 def thumbnail(image: Image.Image, mark: int | None = None, size: int = 96) -> Image.Image:
     """Square RGB thumbnail with a border in the colour of ``mark`` (none when None)."""
     thumb = ImageOps.fit(image.convert("RGB"), (size, size))
@@ -272,19 +163,6 @@ def retrieval_figure(text_rows: Sequence[TextRow], image_rows: Sequence[ImageRow
     legend = "   ".join(f"{symbol} {name}" for m, (name, _, symbol) in MARKS.items() if m is not None)
     fig.suptitle(f"{title}  (borders / colours: {legend})".strip(), fontsize=9)
     return fig
-
-
-def table_data(text_rows: Sequence[TextRow], image_rows: Sequence[ImageRow],
-               image: Callable[[Image.Image, str], Any] = lambda im, label: im) -> dict[str, tuple[list, list]]:
-    """Columns and rows of two tables (``t2i`` and ``i2t``) of the examples, e.g. for ``wandb.Table``.
-
-    ``image(picture, label)`` wraps each picture (e.g. ``wandb.Image(picture, caption=label)``).
-    """
-    k = max([len(r[1]) for r in [*text_rows, *image_rows]], default=0)
-    ranks = [f"top {r + 1}" for r in range(k)]
-    t2i = [[caption, *(image(im, MARKS[m][0]) for im, m in items)] for caption, items in text_rows]
-    i2t = [[image(im, "query"), *(f"{MARKS[m][2]} {c}".strip() for c, m in items)] for im, items in image_rows]
-    return {"t2i": (["caption", *ranks], t2i), "i2t": (["image", *ranks], i2t)}
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

@@ -1,0 +1,207 @@
+"""Lightning callbacks of a training run (``conf/callbacks/default.yaml``).
+
+* :class:`LastCheckpoint`: ``last.ckpt`` every N steps, at the end, and on SIGTERM / Ctrl-C.
+* :class:`RetrievalFigures`: at the end of validation epochs, the similarity histograms that FNE
+  fits its Gaussians to (with the Gaussians, p_fn and the cut-down) and validation retrieval
+  examples, as PNGs and, with a ``WandbLogger``, W&B images and tables. The samples come from
+  :class:`SimilarityReservoir`, filled from each training step's online features.
+
+The module knows nothing of either: figures read what the loss exposes through
+:meth:`~fne_lightning.losses.base.RetrievalLoss.posterior_view` and what the training step
+returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import Tensor
+
+from fne_lightning.errors import check
+from fne_lightning.fne.stats import confident_samples
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``: every ``every_n_train_steps`` steps, at the end of training, and when SIGTERM
+    (what SLURM sends before a preemption) or Ctrl-C stops a run, after the batch in flight.
+
+    Never after an error: a failed or non-finite step must not overwrite the last good state.
+    Lightning writes checkpoints atomically (a temporary file, then a rename), so a crash while
+    writing leaves the previous ``last.ckpt`` intact.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 500) -> None:
+        check(every_n_train_steps >= 1, "checkpoint.every_n_steps", "an integer >= 1", every_n_train_steps)
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
+                         enable_version_counter=False)
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Lightning's own rule skips the final save when an earlier periodic one happened.
+        if self._last_global_step_saved != trainer.global_step:
+            trainer.save_checkpoint(self.last_path)
+            self._last_global_step_saved = trainer.global_step
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.last_path)
+
+
+class SimilarityReservoir:
+    """Ring buffers of the most recent confident positive and negative similarities.
+
+    ``add`` takes the same in-batch online similarities as ``SimilarityStats.update`` and keeps
+    the samples the Gaussians are fitted on (``stats.confident_samples``): S_ii of confidently
+    matched pairs and their hardest in-batch negatives. Entries that are not samples are stored
+    as NaN, so every write has a fixed size and the pointer is a host integer: no host sync in
+    the training step. ``samples()`` (once per epoch) syncs and drops the NaNs.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}: expected >= 1")
+        self.capacity = capacity
+        self.pos: Tensor | None = None  # (C,)
+        self.neg: Tensor | None = None  # (2C,): two negatives per positive
+        self._ptr = [0, 0]
+
+    def reset(self) -> None:
+        if self.pos is not None:
+            self.pos.fill_(float("nan"))
+            self.neg.fill_(float("nan"))
+        self._ptr = [0, 0]
+
+    @torch.no_grad()
+    def add(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor) -> None:
+        """One batch: online features (B, D) of pair i and image ids (B,)."""
+        v, t = image_features.detach().float(), text_features.detach().float()
+        same = image_ids[:, None] == image_ids[None, :]  # (B, B)
+        with torch.autocast(v.device.type, enabled=False):  # fp32, as the statistics (bf16 under autocast)
+            pos, pos_mask, neg, neg_mask = confident_samples(v @ t.T, same)
+        if self.pos is None:
+            self.pos = v.new_full((self.capacity,), float("nan"))
+            self.neg = v.new_full((2 * self.capacity,), float("nan"))
+        nan = v.new_full((), float("nan"))
+        for k, (buf, values) in enumerate(((self.pos, torch.where(pos_mask, pos, nan)),
+                                           (self.neg, torch.where(neg_mask, neg, nan)))):
+            values = values[-buf.numel():].to(buf.dtype)  # a batch larger than the buffer keeps its tail
+            n = values.numel()
+            index = torch.arange(self._ptr[k], self._ptr[k] + n, device=buf.device) % buf.numel()
+            buf.index_copy_(0, index, values)
+            self._ptr[k] = (self._ptr[k] + n) % buf.numel()
+
+    def samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positives, negatives) seen so far, as float64 NumPy arrays (host sync)."""
+        if self.pos is None:
+            return np.zeros(0), np.zeros(0)
+        pos, neg = self.pos.double().cpu().numpy(), self.neg.double().cpu().numpy()
+        return pos[np.isfinite(pos)], neg[np.isfinite(neg)]
+
+
+def wandb_tables(text_rows: Sequence[Any], image_rows: Sequence[Any],
+                 image: Callable[[Any, str], Any] = lambda im, label: im) -> dict[str, tuple[list, list]]:
+    """Columns and rows of two tables (``t2i`` and ``i2t``) of retrieval examples (``plots.example_rows``).
+
+    ``image(picture, label)`` wraps each picture (e.g. ``wandb.Image(picture, caption=label)``).
+    """
+    from fne_lightning.retrieval.examples import MARKS
+
+    k = max([len(r[1]) for r in [*text_rows, *image_rows]], default=0)
+    ranks = [f"top {r + 1}" for r in range(k)]
+    t2i = [[caption, *(image(im, MARKS[m][0]) for im, m in items)] for caption, items in text_rows]
+    i2t = [[image(im, "query"), *(f"{MARKS[m][2]} {c}".strip() for c, m in items)] for im, items in image_rows]
+    return {"t2i": (["caption", *ranks], t2i), "i2t": (["image", *ranks], i2t)}
+
+
+class RetrievalFigures(Callback):
+    """Figures of the validation epochs of a fit: ``<run dir>/figures/{similarities,retrievals}_epochNNN.png``
+    (run dir: the trainer's ``default_root_dir``) and, with a ``WandbLogger``, the same as W&B images
+    plus two example tables (rank zero). Config: the top-level ``figures`` keys.
+
+    Args:
+        enabled: False turns the callback into a no-op.
+        every_n_epochs: draw on epochs divisible by this.
+        num_examples: captions and images shown as queries (0: the similarity figure only).
+        top_k: results shown per query.
+        sample_size: recent confident positive similarities kept for the histograms (twice as many
+            negatives).
+    """
+
+    def __init__(self, enabled: bool = True, every_n_epochs: int = 1, num_examples: int = 4, top_k: int = 5,
+                 sample_size: int = 4096) -> None:
+        for key, value, low in (("every_n_epochs", every_n_epochs, 1), ("sample_size", sample_size, 1),
+                                ("num_examples", num_examples, 0), ("top_k", top_k, 0)):
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"figures.{key}",
+                  f"an integer >= {low}", value)
+        self.enabled, self.every_n_epochs = enabled, every_n_epochs
+        self.num_examples, self.top_k = num_examples, top_k
+        # The histograms' samples: recent confident in-batch similarities (what the Gaussians fit).
+        self.samples = SimilarityReservoir(sample_size)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.samples.reset()  # the figure shows this epoch's samples
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # A skipped (non-finite) step returns None: its features never reach the figure.
+        if self.enabled and isinstance(outputs, dict) and "image_features" in outputs:
+            self.samples.add(outputs["image_features"], outputs["text_features"], batch[2])
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # During fit only: the histograms show training samples, and a bare trainer.validate()
+        # would write into the working directory (Lightning's default_root_dir).
+        if (not self.enabled or trainer.sanity_checking or trainer.state.fn != "fit"
+                or trainer.current_epoch % self.every_n_epochs or not module.saw_whole_split("val")):
+            return
+        dm = trainer.datamodule
+        show_examples = self.num_examples > 0 and hasattr(dm, "load_split")  # images and captions come from it
+        metric = module.val_metric
+        features = metric.features() if show_examples else None  # collective under DDP: every rank
+        if trainer.is_global_zero:
+            self._draw(trainer, module, features)
+
+    def _draw(self, trainer: L.Trainer, module: Any, features: tuple[Tensor, Tensor] | None) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        from fne_lightning.data.datasets import open_image
+        from fne_lightning.retrieval import plots
+        from fne_lightning.retrieval.examples import retrieval_examples
+
+        epoch, run_dir = trainer.current_epoch, Path(trainer.default_root_dir) / "figures"
+        title = f"epoch {epoch}" + (" (warm-up)" if module.in_warmup() else "")
+        view = module.loss.posterior_view()
+        if view is not None and not view.ready:
+            title += f", Gaussians not ready ({view.pos_count} < {view.min_pos_samples} positives)"
+        fig = plots.similarity_figure(
+            *self.samples.samples(), None if view is None else list(view.gaussians),
+            match_prior=None if view is None else view.match_prior, cutdown=None if view is None else view.cutdown,
+            false_margin=None if view is None else view.false_margin,
+            title=f"{title}: similarities of confidently matched training pairs")
+        paths = {"val/similarities": plots.save_figure(fig, run_dir / f"similarities_epoch{epoch:03d}.png")}
+        rows = None
+        if features is not None:
+            split, metric = trainer.datamodule.load_split("val"), module.val_metric
+            examples = retrieval_examples(*features, metric.text_to_image, metric.positive_pairs,
+                                                num_queries=self.num_examples, k=self.top_k)
+            rows = plots.example_rows(examples, split.captions, lambda i: open_image(split.image_paths[i]))
+            fig = plots.retrieval_figure(*rows, title=f"{title}: validation retrievals")
+            paths["val/retrievals"] = plots.save_figure(fig, run_dir / f"retrievals_epoch{epoch:03d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                media: dict[str, Any] = {key: wandb.Image(str(path)) for key, path in paths.items()}
+                tables = wandb_tables(*rows, image=lambda im, label: wandb.Image(im, caption=label)) if rows else {}
+                for name, (columns, data) in tables.items():
+                    media[f"val/examples_{name}"] = wandb.Table(columns=columns, data=data)
+                logger.log_metrics(media, step=trainer.global_step)

@@ -1,0 +1,179 @@
+"""False Negative Elimination (Li et al., ACM MM 2023, arXiv 2308.04380; FNE_SPEC sections 2-7).
+
+One negative per anchor is drawn from the batch's momentum features plus a memory bank, with
+weights that fall for probable false negatives (``fne/negatives.py``) under a Gaussian fit of
+positive/negative similarities (``fne/stats.py``). Gradients flow through the anchors only.
+During the warm-up epochs the loss is the in-batch VSE of :class:`TripletLoss`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fne_lightning.errors import check
+from fne_lightning.fne.bank import MemoryBank
+from fne_lightning.fne.negatives import fne_weights, hardest_negatives, sample_negatives
+from fne_lightning.fne.stats import SimilarityStats
+from fne_lightning.losses.base import PosteriorView
+from fne_lightning.losses.vse import TripletLoss, batch_candidates, fn_rate, triplet_hinge
+from fne_lightning.utils.distributed import gather_no_grad
+
+
+def candidate_rows(batch_candidates: Tensor, bank_candidates: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` (B,) of ``cat([batch (Bc, D), bank (K, D)])`` without building the concatenation."""
+    n = batch_candidates.shape[0]
+    rows = batch_candidates[index.clamp(max=n - 1)]  # (B, D)
+    if bank_candidates.shape[0]:
+        rows = torch.where((index < n)[:, None], rows, bank_candidates[(index - n).clamp(min=0)])
+    return rows
+
+
+class _Direction(NamedTuple):
+    loss: Tensor
+    diagnostics: dict[str, Tensor]
+
+
+class FNELoss(TripletLoss):
+    """False Negative Elimination (FNE_SPEC sections 2-7) with its ablation switches.
+
+    Holds the memory bank and the similarity statistics as buffers (checkpointed with the
+    model). The momentum encoders live in the LightningModule, which owns them and their EMA
+    momentum (config key ``momentum``) and passes their features.
+    Each call updates the statistics (before selection) and enqueues the step's global
+    momentum batch into the bank (after the loss).
+
+    Args (all ``loss.<name>`` in the config):
+        embed_dim: feature dimension D (filled in from the encoder).
+        memory_size: bank slots K; 0 = in-batch candidates only.
+        selection: ``sample`` (FNE) or ``hardest`` (VSE++ over batch + bank candidates).
+        weighting: ``reference`` (published) or ``complement`` (``(1 - p_fn) * hardness``).
+        posterior: use the false-negative posterior (False = hardness weights only).
+        cutdown: drop candidates scoring <= mu+ - cutdown (None = no cut-down).
+        warmup_epochs / warmup_loss: epochs of in-batch VSE before FNE starts.
+        reset_stats_every_epoch: restart the Gaussian fit at each epoch (published behaviour).
+        gather_batch: under DDP, in-batch candidates include the other ranks' batch items.
+    """
+
+    requires_momentum = True
+
+    def __init__(self, embed_dim: int, margin: float = 0.2, memory_size: int = 8224, tau: float = 0.5,
+                 match_prior: float = 1e-4, false_margin: float = 0.999, min_pos_samples: int = 200,
+                 cutdown: float | None = 0.2, weighting: str = "reference", posterior: bool = True,
+                 selection: str = "sample", warmup_epochs: int = 1, warmup_loss: str = "vsepp",
+                 reset_stats_every_epoch: bool = True, gather_batch: bool = False) -> None:
+        super().__init__(margin, warmup_epochs, warmup_loss, gather_batch)
+        check(memory_size >= 0, "loss.memory_size", "an integer >= 0", memory_size)
+        check(tau > 0, "loss.tau", "a value > 0", tau)
+        check(0.0 < match_prior < 1.0, "loss.match_prior", "a value in (0, 1)", match_prior)
+        check(0.0 < false_margin <= 1.0, "loss.false_margin", "a value in (0, 1]", false_margin)
+        check(min_pos_samples >= 1, "loss.min_pos_samples", "an integer >= 1", min_pos_samples)
+        check(cutdown is None or cutdown >= 0, "loss.cutdown", "null or a value >= 0", cutdown)
+        check(weighting in ("reference", "complement"), "loss.weighting", "reference or complement", weighting)
+        check(selection in ("sample", "hardest"), "loss.selection", "sample or hardest", selection)
+        self.tau, self.match_prior, self.false_margin, self.cutdown = tau, match_prior, false_margin, cutdown
+        self.weighting, self.posterior, self.selection = weighting, posterior, selection
+        self.reset_stats_every_epoch = reset_stats_every_epoch
+        self.bank = MemoryBank(memory_size, embed_dim)
+        self.stats = SimilarityStats(min_pos_samples)
+
+    def on_train_epoch_start(self) -> None:
+        if self.reset_stats_every_epoch:
+            self.stats.reset()
+
+    def posterior_view(self) -> PosteriorView:
+        """The Gaussians as host floats (one sync, for figures at the end of an epoch)."""
+        return PosteriorView(tuple(float(g) for g in self.stats.gaussians()), bool(self.stats.ready),
+                             int(self.stats.pos_count), self.stats.min_pos_samples, self.match_prior,
+                             self.cutdown, self.false_margin)
+
+    # ---------------------------------------------------------------- the step
+    def forward(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor, text_ids: Tensor,
+                momentum_image_features: Tensor | None = None, momentum_text_features: Tensor | None = None,
+                warmup: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of one batch of B pairs; features (B, D) unit norm, ids (B,) long.
+
+        Similarities, statistics and sampling run in fp32 whatever the autocast setting.
+        """
+        with torch.autocast(image_features.device.type, enabled=False):
+            v, t = image_features.float(), text_features.float()
+            mv, mt = momentum_image_features.float().detach(), momentum_text_features.float().detach()
+            with torch.no_grad():
+                same = image_ids[:, None] == image_ids[None, :]  # (B, B)
+                self.stats.update(v.detach() @ t.detach().T, same)
+            if warmup:
+                loss, diagnostics = self.in_batch_loss(v, t, image_ids, text_ids, self.warmup_loss)
+            else:
+                loss, diagnostics = self._fne(v, t, mv, mt, image_ids, text_ids)
+            diagnostics.update(self._stat_diagnostics())
+            # After the loss: the global momentum batch enters the bank for the next steps
+            # (filled during warm-up too). Nothing of the bank is saved for backward.
+            self.bank.enqueue(gather_no_grad(mv), gather_no_grad(mt),
+                              gather_no_grad(image_ids), gather_no_grad(text_ids))
+        return loss, diagnostics
+
+    def _fne(self, v: Tensor, t: Tensor, mv: Tensor, mt: Tensor, image_ids: Tensor,
+             text_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        batch_mv, batch_mt, batch_img_ids, batch_txt_ids = batch_candidates(mv, mt, image_ids, text_ids,
+                                                                            self.gather_batch)
+        bank, valid_slots = self.bank, self.bank.valid_mask()
+        batch_valid = torch.ones_like(batch_img_ids, dtype=torch.bool)
+        cand_valid = torch.cat([batch_valid, valid_slots])  # (Bc + K,)
+        cand_image_ids = torch.cat([batch_img_ids, bank.image_ids])  # (Bc + K,)
+        cand_text_ids = torch.cat([batch_txt_ids, bank.text_ids])
+        i2t = self._direction(v, (v * mt).sum(-1), batch_mt, bank.text_features, image_ids, cand_image_ids,
+                              cand_valid, lambda idx: self.positives.contains(image_ids, cand_text_ids[idx]))
+        t2i = self._direction(t, (t * mv).sum(-1), batch_mv, bank.image_features, image_ids, cand_image_ids,
+                              cand_valid, lambda idx: self.positives.contains(cand_image_ids[idx], text_ids))
+        diagnostics = {k: (i2t.diagnostics[k] + t2i.diagnostics[k]) / 2 for k in i2t.diagnostics}
+        return i2t.loss + t2i.loss, diagnostics
+
+    def _direction(self, anchors: Tensor, positive_scores: Tensor, batch_candidates: Tensor,
+                   bank_candidates: Tensor, anchor_image_ids: Tensor, cand_image_ids: Tensor,
+                   cand_valid: Tensor, truly_matches) -> _Direction:
+        """One direction: anchors (B, D) vs momentum batch (Bc, D) + bank (K, D) candidates."""
+        with torch.no_grad():
+            # Selection needs no gradient: score all candidates once without autograd, then
+            # recompute only the B chosen scores with gradient (no backward through (B, Bc + K)).
+            a = anchors.detach()
+            s = torch.cat([a @ batch_candidates.T, a @ bank_candidates.T], 1)  # (B, Bc + K)
+            # Candidates of the anchor's own image are positives, never negatives.
+            valid = cand_valid[None, :] & (cand_image_ids[None, :] != anchor_image_ids[:, None])  # (B, Bc + K)
+            hard_idx, hard_has = hardest_negatives(s, valid)
+            if self.selection == "hardest":
+                idx, has = hard_idx, hard_has
+                flagged = cut = None
+            else:
+                w = fne_weights(s, positive_scores.detach(), valid, self.stats.snapshot(), tau=self.tau,
+                                match_prior=self.match_prior, false_margin=self.false_margin,
+                                weighting=self.weighting, cutdown=self.cutdown, posterior=self.posterior)
+                idx, has = sample_negatives(w.weights, s, valid, generator=self.generator,
+                                            hardest=(hard_idx, hard_has))
+                flagged, cut = w.flagged, w.cut
+            negatives = candidate_rows(batch_candidates, bank_candidates, idx)  # (B, D)
+        negative_scores = (anchors * negatives).sum(-1)  # (B,), gradient to the anchors only
+        loss = triplet_hinge(negative_scores, positive_scores, self.margin, has)
+        with torch.no_grad():
+            n_valid = valid.sum().clamp(min=1)
+            zero = n_valid.new_zeros((), dtype=torch.float32)
+            diagnostics = {
+                "flagged_rate": zero if flagged is None else flagged.sum() / n_valid,
+                "cutdown_rate": zero if cut is None else cut.sum() / n_valid,
+                "sampled_sim": (negative_scores.detach() * has).sum() / has.sum().clamp(min=1),
+                "hardest_sim": (s.gather(1, hard_idx[:, None]).squeeze(1) * hard_has).sum()
+                / hard_has.sum().clamp(min=1),
+            }
+            if self.positives.available:
+                diagnostics["sampled_fn_rate"] = fn_rate(truly_matches(idx), has)
+                diagnostics["hardest_fn_rate"] = fn_rate(truly_matches(hard_idx), hard_has)
+        return _Direction(loss, diagnostics)
+
+    def _stat_diagnostics(self) -> dict[str, Tensor]:
+        pos_mean, pos_var, neg_mean, neg_var = self.stats.gaussians()
+        return {
+            "pos_mean": pos_mean, "pos_std": pos_var.clamp(min=0).sqrt(),
+            "neg_mean": neg_mean, "neg_std": neg_var.clamp(min=0).sqrt(),
+            "ready": self.stats.ready.float(),
+        }

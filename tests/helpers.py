@@ -1,0 +1,88 @@
+"""Shared test helpers: running the real entry points in a subprocess, and small datasets on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+# Nothing reaches a hub or W&B's servers, and library warnings do not drown the output.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The current environment (as monkeypatched) with :data:`OFFLINE` and ``extra`` set."""
+    return {**os.environ, **OFFLINE, **extra}
+
+
+def command(entry: str, *args: str) -> list[str]:
+    """``python -m fne_lightning.<entry> args...`` with this interpreter."""
+    return [sys.executable, "-m", f"fne_lightning.{entry}", *args]
+
+
+def run_entry_point(entry: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
+                    timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an entry point (``train``, ``evaluate``, ``export``) to completion, output captured."""
+    return subprocess.run(command(entry, *args), cwd=cwd, env=env or offline_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_entry_point(entry: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start an entry point without waiting (e.g. to signal it), output captured."""
+    return subprocess.Popen(command(entry, *args), cwd=cwd, env=env or offline_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def compose_task(task: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The composed config of entry point ``task`` (``train``, ``evaluate``, ``export``) writing into ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+
+    from fne_lightning.train import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(task, overrides=overrides)
+    with open_dict(cfg):
+        if "paths" in cfg:
+            cfg.paths.output_dir = str(output_dir)
+        else:  # export has no paths group
+            cfg.paths = {"output_dir": str(output_dir)}
+    return cfg
+
+
+def train_tiny(output_dir: Path, cache_dir: Path, *overrides: str) -> dict[str, float]:
+    """Train the shrunk config of ``conftest.TINY_OVERRIDES`` (plus ``overrides``) into ``output_dir``."""
+    from fne_lightning.train import train
+
+    from conftest import TINY_OVERRIDES, compose_config
+
+    cfg = compose_config([*TINY_OVERRIDES, *overrides], cache_dir)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return train(cfg)
+
+
+def write_karpathy(root: Path, splits: Sequence[str], captions: Callable[[int, str], Sequence[str]],
+                   image: Callable[[int], Image.Image], *, name: str = "dataset.json", folder: str = "img",
+                   ext: str = "jpg", sentence_imgid: bool = False) -> Path:
+    """A Karpathy JSON and its image files: image ``i`` is in ``splits[i]``, drawn by ``image(i)``
+    into ``root/folder/i.ext``, with the captions ``captions(i, split)``; sentence ids count up
+    from 0 over the file (``sentence_imgid``: each sentence also names its image's imgid)."""
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    images, sentid = [], 0
+    for imgid, split in enumerate(splits):
+        image(imgid).save(root / folder / f"{imgid}.{ext}")
+        sentences = []
+        for raw in captions(imgid, split):
+            sentences.append({"raw": raw, "sentid": sentid, **({"imgid": imgid} if sentence_imgid else {})})
+            sentid += 1
+        images.append({"imgid": imgid, "split": split, "filename": f"{imgid}.{ext}", "filepath": folder,
+                       "sentences": sentences})
+    path = root / name
+    path.write_text(json.dumps({"images": images}))
+    return path
