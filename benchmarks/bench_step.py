@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, loss_name: str, precision: str) -> dict[str, o
         loss = MomentumOnly()
     else:
         loss = VSELoss()
-    module = RetrievalModule(encoder, loss, optimizer=partial(torch.optim.Adam, lr=2e-5))
+    module = RetrievalModule(encoder, loss, optimizer=partial(torch.optim.Adam, lr=2e-5, fused=True))
     size = encoder.image_config.size
     context = int(encoder.tokenizer(["x"]).shape[-1])
     data = RandomPairs(args.batch * (args.steps + args.warmup), size, context, vocab=1000)

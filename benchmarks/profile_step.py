@@ -58,7 +58,7 @@ def profile_phase(args: argparse.Namespace, warmup: bool) -> tuple[float, float,
     # warmup_epochs=1 keeps the whole (one-epoch) run in the VSE0 warm-up; 0 runs FNE itself.
     loss = FNELoss(embed_dim=encoder.embed_dim, memory_size=args.bank, warmup_epochs=int(warmup),
                    warmup_loss="vse0", min_pos_samples=8)
-    module = RetrievalModule(encoder, loss, optimizer=partial(torch.optim.Adam, lr=5e-4), momentum=0.9)
+    module = RetrievalModule(encoder, loss, optimizer=partial(torch.optim.Adam, lr=5e-4, fused=True), momentum=0.9)
     size, context = encoder.image_config.size, int(encoder.tokenizer(["x"]).shape[-1])
     data = RandomPairs(args.batch * (args.at + 1), size, context, vocab=1000)
     timer = ProfileOneStep(args.at)

@@ -83,3 +83,27 @@ def test_bf16_mixed_keeps_similarities_statistics_and_bank_in_full_precision(cfg
     assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
     assert module.loss.bank.image_features.dtype == torch.float32 and int(module.loss.bank.filled) == 48
     assert module.loss.stats.pos_m2.dtype == torch.float64
+
+
+def test_lazy_momentum_skips_only_forwards_nobody_reads(cfg: DictConfig) -> None:
+    """Two warm-up epochs then one of FNE: the early warm-up steps' momentum features would leave the
+    48-slot bank before FNE reads it, so the momentum forward runs only for the last 3 warm-up
+    steps (ceil(48 / 16)); every weight, the bank and the statistics end exactly as without skipping."""
+    with open_dict(cfg):
+        cfg.loss.warmup_epochs = 2
+    states, forwards = [], []
+    for lazy in (True, False):
+        L.seed_everything(0)
+        module, datamodule = build(cfg)
+        module.lazy_momentum = lazy
+        calls: list[int] = []
+        module.momentum_encoder.model.visual.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, datamodule=datamodule)
+        states.append(module.state_dict())
+        forwards.append(len(calls))
+    steps_per_epoch = 160 // cfg.data.batch_size  # 32 images x 5 captions
+    assert forwards == [3 + steps_per_epoch, 3 * steps_per_epoch]
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name

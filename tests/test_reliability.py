@@ -21,8 +21,11 @@ from conftest import TINY_OVERRIDES
 from helpers import start_entry_point
 
 # 32 images x 5 captions / batch 16 = 10 steps per epoch; 26 steps end mid-epoch 2 and the
-# interrupted run stops at step 13, mid-epoch 1 (batch 3): the hard case for a resume.
+# interrupted run stops at step 13, mid-epoch 1 (batch 3): the hard case for a resume. With two
+# warm-up epochs it stops where the lazy momentum forward is skipped (all but the last 3 warm-up
+# steps), so the resumed run must find its place in the warm-up again.
 STEPS, HALF = 26, 13
+WARMUP = {"loss.warmup_epochs": 2}
 
 
 def run(cfg: DictConfig, out: Path, **overrides: object) -> dict[str, float]:
@@ -54,16 +57,16 @@ class Preempt(L.Callback):
 
 
 def test_resume_mid_epoch_is_exact(cfg: DictConfig, tmp_path: Path) -> None:
-    whole = run(cfg, tmp_path / "whole", **{"trainer.max_steps": STEPS})
+    whole = run(cfg, tmp_path / "whole", **{"trainer.max_steps": STEPS, **WARMUP})
     preempted = cfg.copy()
     with open_dict(preempted):
         preempted.callbacks.preempt = {"_target_": f"{__name__}.Preempt", "step": HALF}
     with pytest.raises(SystemExit) as stop:
-        run(preempted, tmp_path / "first", **{"trainer.max_steps": STEPS})
+        run(preempted, tmp_path / "first", **{"trainer.max_steps": STEPS, **WARMUP})
     assert stop.value.code == 143
     first = last_state(tmp_path / "first")
     assert first["global_step"] == HALF and first["epoch"] == 1
-    resumed = run(cfg, tmp_path / "resumed", **{"trainer.max_steps": STEPS,
+    resumed = run(cfg, tmp_path / "resumed", **{"trainer.max_steps": STEPS, **WARMUP,
                                                 "ckpt_path": str(tmp_path / "first" / "checkpoints" / "last.ckpt")})
 
     a, b = last_state(tmp_path / "whole"), last_state(tmp_path / "resumed")

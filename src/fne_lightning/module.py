@@ -44,11 +44,14 @@ class RetrievalModule(L.LightningModule):
         nonfinite: what a non-finite loss or feature does: ``stop`` the run with a message naming
             the step (the last good checkpoint is kept), or ``skip`` the batch before it touches
             the bank, the statistics or the weights (counted in ``train/skipped_batches``).
+        lazy_momentum: skip the momentum forward on warm-up steps whose momentum features the
+            loss will never read (``RetrievalLoss.momentum_horizon``; the EMA still runs every
+            step, so the result is the same: tested). False: always run it.
     """
 
     def __init__(self, encoder: DualEncoder, loss: RetrievalLoss, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, config: dict | None = None, seed: int = 0,
-                 momentum: float = 0.995, nonfinite: str = "stop") -> None:
+                 momentum: float = 0.995, nonfinite: str = "stop", lazy_momentum: bool = True) -> None:
         super().__init__()
         check(isinstance(loss, RetrievalLoss), "loss._target_", "a subclass of fne_lightning.losses.RetrievalLoss",
               type(loss).__name__)
@@ -61,6 +64,7 @@ class RetrievalModule(L.LightningModule):
         self.encoder = encoder
         self.loss = loss
         self.momentum = momentum
+        self.lazy_momentum = lazy_momentum
         self.momentum_encoder = momentum_copy(encoder) if loss.requires_momentum else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -146,7 +150,7 @@ class RetrievalModule(L.LightningModule):
         image_features = self.encoder.encode_image(images)  # (B, D)
         text_features = self.encoder.encode_text(tokens)  # (B, D)
         momentum: dict[str, Tensor] = {}
-        if self.momentum_encoder is not None:
+        if self.momentum_encoder is not None and self._momentum_needed(images.shape[0]):
             with torch.no_grad():
                 momentum = {
                     "momentum_image_features": self.momentum_encoder.encode_image(images),
@@ -166,6 +170,24 @@ class RetrievalModule(L.LightningModule):
                       batch_size=batch_size)
         # The features go to callbacks (RetrievalFigures' reservoir) through on_train_batch_end.
         return {"loss": loss, "image_features": image_features.detach(), "text_features": text_features.detach()}
+
+    def _momentum_needed(self, batch_size: int) -> bool:
+        """Whether this step's momentum features can still be read by the loss.
+
+        In the warm-up, only the last ``loss.momentum_horizon(global batch)`` steps before the
+        main loss starts count (for FNE, the steps whose features are still in the bank then).
+        The same decision on every rank: it depends on the epoch and the batch's position in it
+        only (the loop's count of trained batches, which a mid-epoch resume restores).
+        """
+        if not (self.lazy_momentum and self.in_warmup()):
+            return True
+        horizon = self.loss.momentum_horizon(batch_size * self.trainer.world_size)
+        per_epoch = self.trainer.num_training_batches
+        if horizon is None or per_epoch == float("inf"):
+            return True
+        position = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # this batch, 0-based
+        steps_left = (self.loss.warmup_epochs - self.current_epoch) * int(per_epoch) - position
+        return steps_left <= horizon
 
     def _finite(self, tensors: list[Tensor], what: str) -> bool:
         """True if all ``tensors`` are finite on every rank; else stop the run or skip the batch."""

@@ -156,8 +156,11 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test, write ``metrics.json``, print the summary; returns the flat metrics."""
+def train(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[str, float]:
+    """Fit, test, write ``metrics.json``, print the summary; returns the flat metrics.
+
+    ``callbacks``: Lightning callbacks added to the config's (e.g. a benchmark's timers).
+    """
     import lightning as L
 
     from fne_lightning.utils.logs import configure_logging
@@ -168,7 +171,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module, datamodule = build(cfg)
     loggers = instantiate_all(cfg.get("logger"))
     try:
-        return _fit_and_test(cfg, module, datamodule, loggers)
+        return _fit_and_test(cfg, module, datamodule, loggers, list(callbacks or []))
     finally:
         # A W&B run stays open until finished: the next job of an in-process sweep would reuse it.
         if any(isinstance(lg, L.pytorch.loggers.WandbLogger) for lg in loggers):
@@ -177,12 +180,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             wandb.finish()
 
 
-def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[Any]) -> dict[str, float]:
+def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[Any],
+                  extra_callbacks: list[Any]) -> dict[str, float]:
     import lightning as L
 
     from fne_lightning.utils.report import print_summary, write_json
 
-    callbacks = instantiate_all(cfg.get("callbacks"))
+    callbacks = instantiate_all(cfg.get("callbacks")) + extra_callbacks
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then

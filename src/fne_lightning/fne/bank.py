@@ -78,6 +78,20 @@ class MemoryBank(nn.Module):
         self.ptr.copy_((self.ptr + b) % k)
         self.filled.copy_((self.filled + b).clamp_(max=k))
 
+    @torch.no_grad()
+    def advance(self, n: int) -> None:
+        """Move the pointer and the filled count as ``enqueue`` of ``n`` rows would, writing nothing.
+
+        For steps whose features are overwritten before anyone reads them (the early warm-up
+        steps, see ``FNELoss.momentum_horizon``): the slots they would have written are written
+        again before FNE starts, so the bank ends up exactly as if every step had been enqueued.
+        """
+        k = self.size
+        if k == 0 or n == 0:
+            return
+        self.ptr.copy_((self.ptr + n) % k)
+        self.filled.copy_((self.filled + n).clamp_(max=k))
+
     def valid_mask(self) -> Tensor:
         """(K,) bool: slots that hold data.
 

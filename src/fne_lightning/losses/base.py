@@ -82,6 +82,15 @@ class RetrievalLoss(nn.Module):
     def on_train_epoch_start(self) -> None:
         """A new training epoch begins (not called when a run resumes inside an epoch)."""
 
+    def momentum_horizon(self, global_batch_size: int) -> int | None:
+        """How many of the last warm-up steps need the momentum features (e.g. to fill a bank).
+
+        The module skips the momentum forward on earlier warm-up steps and passes ``None`` for
+        the momentum features there (their EMA update still runs every step). ``None``: every
+        step needs them. Only asked of losses that ``requires_momentum``.
+        """
+        return None
+
     def posterior_view(self) -> PosteriorView | None:
         """The fitted false-negative model for figures, or None for losses without one."""
         return None

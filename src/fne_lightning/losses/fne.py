@@ -8,6 +8,7 @@ During the warm-up epochs the loss is the in-batch VSE of :class:`TripletLoss`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -16,10 +17,10 @@ from torch import Tensor
 from fne_lightning.errors import check
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.negatives import fne_weights, hardest_negatives, sample_negatives
-from fne_lightning.fne.stats import SimilarityStats
+from fne_lightning.fne.stats import Gaussians, SimilarityStats
 from fne_lightning.losses.base import PosteriorView
 from fne_lightning.losses.vse import TripletLoss, batch_candidates, fn_rate, triplet_hinge
-from fne_lightning.utils.distributed import gather_no_grad
+from fne_lightning.utils.distributed import gather_no_grad, world_size
 
 
 def candidate_rows(batch_candidates: Tensor, bank_candidates: Tensor, index: Tensor) -> Tensor:
@@ -83,6 +84,11 @@ class FNELoss(TripletLoss):
         if self.reset_stats_every_epoch:
             self.stats.reset()
 
+    def momentum_horizon(self, global_batch_size: int) -> int:
+        """During the warm-up, momentum features only fill the bank, and at FNE's first step the
+        bank holds the last K of them: only the last ceil(K / global batch) warm-up steps count."""
+        return math.ceil(self.bank.size / global_batch_size)
+
     def posterior_view(self) -> PosteriorView:
         """The Gaussians as host floats (one sync, for figures at the end of an epoch)."""
         return PosteriorView(tuple(float(g) for g in self.stats.gaussians()), bool(self.stats.ready),
@@ -99,54 +105,65 @@ class FNELoss(TripletLoss):
         """
         with torch.autocast(image_features.device.type, enabled=False):
             v, t = image_features.float(), text_features.float()
-            mv, mt = momentum_image_features.float().detach(), momentum_text_features.float().detach()
             with torch.no_grad():
                 same = image_ids[:, None] == image_ids[None, :]  # (B, B)
                 self.stats.update(v.detach() @ t.detach().T, same)
+            skipped = momentum_image_features is None or momentum_text_features is None
             if warmup:
                 loss, diagnostics = self.in_batch_loss(v, t, image_ids, text_ids, self.warmup_loss)
+            elif skipped:
+                raise ValueError("FNELoss needs the momentum features outside the warm-up")
             else:
-                loss, diagnostics = self._fne(v, t, mv, mt, image_ids, text_ids)
+                loss, diagnostics = self._fne(v, t, momentum_image_features.float().detach(),
+                                              momentum_text_features.float().detach(), image_ids, text_ids)
             diagnostics.update(self._stat_diagnostics())
-            # After the loss: the global momentum batch enters the bank for the next steps
-            # (filled during warm-up too). Nothing of the bank is saved for backward.
-            self.bank.enqueue(gather_no_grad(mv), gather_no_grad(mt),
-                              gather_no_grad(image_ids), gather_no_grad(text_ids))
+            if skipped:
+                # An early warm-up step (momentum_horizon): its rows would be overwritten before
+                # FNE reads the bank, so only the pointer moves, by the global batch as enqueue would.
+                self.bank.advance(image_ids.shape[0] * world_size())
+            else:
+                # After the loss: the global momentum batch enters the bank for the next steps
+                # (filled during warm-up too). Nothing of the bank is saved for backward.
+                self.bank.enqueue(gather_no_grad(momentum_image_features.float().detach()),
+                                  gather_no_grad(momentum_text_features.float().detach()),
+                                  gather_no_grad(image_ids), gather_no_grad(text_ids))
         return loss, diagnostics
 
     def _fne(self, v: Tensor, t: Tensor, mv: Tensor, mt: Tensor, image_ids: Tensor,
              text_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         batch_mv, batch_mt, batch_img_ids, batch_txt_ids = batch_candidates(mv, mt, image_ids, text_ids,
                                                                             self.gather_batch)
-        bank, valid_slots = self.bank, self.bank.valid_mask()
-        batch_valid = torch.ones_like(batch_img_ids, dtype=torch.bool)
-        cand_valid = torch.cat([batch_valid, valid_slots])  # (Bc + K,)
+        bank = self.bank
+        cand_valid = torch.cat([torch.ones_like(batch_img_ids, dtype=torch.bool), bank.valid_mask()])  # (Bc + K,)
         cand_image_ids = torch.cat([batch_img_ids, bank.image_ids])  # (Bc + K,)
         cand_text_ids = torch.cat([batch_txt_ids, bank.text_ids])
-        i2t = self._direction(v, (v * mt).sum(-1), batch_mt, bank.text_features, image_ids, cand_image_ids,
-                              cand_valid, lambda idx: self.positives.contains(image_ids, cand_text_ids[idx]))
-        t2i = self._direction(t, (t * mv).sum(-1), batch_mv, bank.image_features, image_ids, cand_image_ids,
-                              cand_valid, lambda idx: self.positives.contains(cand_image_ids[idx], text_ids))
+        with torch.no_grad():
+            # The same for both directions: slots holding data, and never the anchor's own image
+            # (its captions/image are positives, not negatives).
+            valid = cand_valid[None, :] & (cand_image_ids[None, :] != image_ids[:, None])  # (B, Bc + K)
+            gaussians = self.stats.snapshot()
+        i2t = self._direction(v, (v * mt).sum(-1), batch_mt, bank.text_features, valid, gaussians,
+                              lambda idx: self.positives.contains(image_ids, cand_text_ids[idx]))
+        t2i = self._direction(t, (t * mv).sum(-1), batch_mv, bank.image_features, valid, gaussians,
+                              lambda idx: self.positives.contains(cand_image_ids[idx], text_ids))
         diagnostics = {k: (i2t.diagnostics[k] + t2i.diagnostics[k]) / 2 for k in i2t.diagnostics}
         return i2t.loss + t2i.loss, diagnostics
 
     def _direction(self, anchors: Tensor, positive_scores: Tensor, batch_candidates: Tensor,
-                   bank_candidates: Tensor, anchor_image_ids: Tensor, cand_image_ids: Tensor,
-                   cand_valid: Tensor, truly_matches) -> _Direction:
-        """One direction: anchors (B, D) vs momentum batch (Bc, D) + bank (K, D) candidates."""
+                   bank_candidates: Tensor, valid: Tensor, gaussians: Gaussians, truly_matches) -> _Direction:
+        """One direction: anchors (B, D) vs momentum batch (Bc, D) + bank (K, D) candidates;
+        ``valid`` (B, Bc + K) marks the candidates that may be negatives."""
         with torch.no_grad():
             # Selection needs no gradient: score all candidates once without autograd, then
             # recompute only the B chosen scores with gradient (no backward through (B, Bc + K)).
             a = anchors.detach()
             s = torch.cat([a @ batch_candidates.T, a @ bank_candidates.T], 1)  # (B, Bc + K)
-            # Candidates of the anchor's own image are positives, never negatives.
-            valid = cand_valid[None, :] & (cand_image_ids[None, :] != anchor_image_ids[:, None])  # (B, Bc + K)
             hard_idx, hard_has = hardest_negatives(s, valid)
             if self.selection == "hardest":
                 idx, has = hard_idx, hard_has
                 flagged = cut = None
             else:
-                w = fne_weights(s, positive_scores.detach(), valid, self.stats.snapshot(), tau=self.tau,
+                w = fne_weights(s, positive_scores.detach(), valid, gaussians, tau=self.tau,
                                 match_prior=self.match_prior, false_margin=self.false_margin,
                                 weighting=self.weighting, cutdown=self.cutdown, posterior=self.posterior)
                 idx, has = sample_negatives(w.weights, s, valid, generator=self.generator,
@@ -156,11 +173,12 @@ class FNELoss(TripletLoss):
         negative_scores = (anchors * negatives).sum(-1)  # (B,), gradient to the anchors only
         loss = triplet_hinge(negative_scores, positive_scores, self.margin, has)
         with torch.no_grad():
-            n_valid = valid.sum().clamp(min=1)
+            # count_nonzero, not sum: summing a bool (B, N) mask first converts it to int64.
+            n_valid = torch.count_nonzero(valid).clamp(min=1)
             zero = n_valid.new_zeros((), dtype=torch.float32)
             diagnostics = {
-                "flagged_rate": zero if flagged is None else flagged.sum() / n_valid,
-                "cutdown_rate": zero if cut is None else cut.sum() / n_valid,
+                "flagged_rate": zero if flagged is None else torch.count_nonzero(flagged) / n_valid,
+                "cutdown_rate": zero if cut is None else torch.count_nonzero(cut) / n_valid,
                 "sampled_sim": (negative_scores.detach() * has).sum() / has.sum().clamp(min=1),
                 "hardest_sim": (s.gather(1, hard_idx[:, None]).squeeze(1) * hard_has).sum()
                 / hard_has.sum().clamp(min=1),

@@ -19,6 +19,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    """Number of ranks, 1 without an initialised process group."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 @torch.no_grad()
 def gather_no_grad(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0, in rank order, without gradient.
