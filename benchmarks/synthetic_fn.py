@@ -1,27 +1,30 @@
-"""Does FNE avoid false negatives, and does it help? The synthetic benchmark, 4 losses x N seeds.
+"""Does FNE avoid false negatives, and does it help? Paired comparisons on the synthetic benchmark.
 
-Trains ``experiment=synthetic`` (tiny model from random init: VSE0 warm-up, then the loss
-under test) with
+The paper's regime: towers pretrained first, then the loss under test. For every seed the script
 
-* ``vsepp``          ``loss=vsepp``                       hardest in-batch negative (online features)
-* ``fne_hardest``    ``loss=fne loss.selection=hardest``  hardest negative over batch + bank (momentum)
-* ``fne_reference``  ``loss=fne``                         FNE sampling, published weighting
-* ``fne_complement`` ``loss=fne loss.weighting=complement``
+1. pretrains once: ``experiment=synthetic loss=vse0 trainer.max_epochs=10`` (the recipe's VSE0
+   warm-up from random init, the same 10 epochs every loss of ``experiment=synthetic`` starts with),
+2. exports that model (``python -m fne_lightning.export``, an open_clip directory),
+3. fine-tunes every method from that identical start: ``experiment=synthetic_finetune
+   model.name=local-dir:<export>`` (4 epochs at lr 5e-5, same seed, so the same data order),
 
-through the real entry point, one subprocess per run, and reads each run's ``metrics.json``:
-test rsum, multi-positive mAP@R (mean of both directions) and the last epoch's
-``fne/sampled_fn_rate`` (share of the negatives actually used that truly match their anchor)
-vs ``fne/hardest_fn_rate`` (the same for the hardest candidate). Prints one JSON object per
-variant and a markdown table (mean +- std over seeds), also written to ``--out``.
+through the real entry points, one subprocess per run, and reads each run's ``metrics.json``.
+The warm-up's variance is shared by all methods of a seed, so per-seed differences between
+methods measure the methods. Prints one JSON object per method (mean and std over seeds of test
+rsum, mAP@R and R-Precision in both directions, sampled and hardest FN rates) and per method
+against ``vsepp`` (per-seed paired differences, their mean and a 95% t-interval), and writes both
+as markdown and JSON into ``--out``. Runs whose ``metrics.json`` exists are skipped, so an
+interrupted benchmark resumes.
 
-    python benchmarks/synthetic_fn.py --seeds 0 1 2             # the README table (~40 min on 2 cores)
-    python benchmarks/synthetic_fn.py --seeds 0 --smoke          # tiny data, 2 epochs: checks it runs
+    python benchmarks/synthetic_fn.py --seeds 0 1 2 3 4       # the README table (~30 min on 2 cores)
+    python benchmarks/synthetic_fn.py --seeds 0 --smoke        # tiny data, 1 epoch each: checks it runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -29,74 +32,129 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {
+METHODS = {
     "vsepp": ["loss=vsepp"],
     "fne_hardest": ["loss=fne", "loss.selection=hardest"],
-    "fne_reference": ["loss=fne"],
+    "fne": ["loss=fne"],
     "fne_complement": ["loss=fne", "loss.weighting=complement"],
+    "fne_complement_prior": ["loss=fne", "loss.weighting=complement", "loss.match_prior=0.01"],
 }
-SMOKE = ["data.num_train=64", "data.num_val=16", "data.num_test=16", "data.batch_size=32",
-         "trainer.max_epochs=2", "loss.warmup_epochs=1", "optim.scheduler.milestones=[1]"]
+SMOKE = ["data.num_train=64", "data.num_val=16", "data.num_test=16", "data.batch_size=32"]
+PRETRAIN = ["experiment=synthetic", "loss=vse0", "test=false"]
 COLUMNS = {
     "test_rsum": lambda m: m["test/rsum"],
-    "test_map_at_r": lambda m: (m["test/i2t_map_at_r"] + m["test/t2i_map_at_r"]) / 2,
+    "map_at_r": lambda m: (m["test/i2t_map_at_r"] + m["test/t2i_map_at_r"]) / 2,
+    "i2t_map_at_r": lambda m: m["test/i2t_map_at_r"],
+    "t2i_map_at_r": lambda m: m["test/t2i_map_at_r"],
+    "rprecision": lambda m: (m["test/i2t_rprecision"] + m["test/t2i_rprecision"]) / 2,
     "sampled_fn_rate": lambda m: 100 * m["fne/sampled_fn_rate"],
     "hardest_fn_rate": lambda m: 100 * m["fne/hardest_fn_rate"],
 }
+# Two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 seeds).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def run(variant: str, seed: int, out: Path, extra: list[str]) -> dict[str, float]:
-    run_dir = out / variant / f"seed{seed}"
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():  # resume an interrupted benchmark
-        return json.loads(metrics_file.read_text())
-    cmd = [sys.executable, "-m", "fne_lightning.train", "experiment=synthetic", *VARIANTS[variant],
-           f"seed={seed}", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *extra]
+def entry_point(module: str, args: list[str], what: str) -> None:
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    proc = subprocess.run([sys.executable, "-m", f"fne_lightning.{module}", *args], capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
-        sys.exit(f"{variant} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    print(f"# {variant} seed {seed}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    print(f"# {what}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def pretrained(seed: int, out: Path, extra: list[str], epochs: int = 10) -> Path:
+    """The exported VSE0-pretrained model of ``seed`` (trained and exported once)."""
+    run_dir, export = out / "pretrain" / f"seed{seed}", out / "pretrain" / f"seed{seed}" / "export"
+    if not (export / "open_clip_config.json").is_file():
+        entry_point("train", [*PRETRAIN, f"trainer.max_epochs={epochs}", f"seed={seed}", f"hydra.run.dir={run_dir}",
+                              "trainer.enable_progress_bar=false", *extra], f"pretrain seed {seed}")
+        entry_point("export", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={export}",
+                               "overwrite=true", f"hydra.run.dir={run_dir / 'export_log'}"], f"export seed {seed}")
+    return export
+
+
+def finetune(method: str, seed: int, export: Path, out: Path, extra: list[str]) -> dict[str, float]:
+    run_dir = out / method / f"seed{seed}"
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        entry_point("train", ["experiment=synthetic_finetune", f"model.name=local-dir:{export.resolve()}",
+                              *METHODS[method], f"seed={seed}", f"hydra.run.dir={run_dir}",
+                              "trainer.enable_progress_bar=false", *extra], f"{method} seed {seed}")
     return json.loads(metrics_file.read_text())
 
 
-def summarise(results: dict[str, list[dict[str, float]]]) -> list[dict[str, object]]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(results: dict[str, dict[int, dict[str, float]]]) -> list[dict[str, object]]:
     rows = []
-    for variant, runs in results.items():
-        row: dict[str, object] = {"variant": variant, "seeds": len(runs)}
+    for method, by_seed in results.items():
+        row: dict[str, object] = {"method": method, "seeds": sorted(by_seed)}
         for name, get in COLUMNS.items():
-            values = [get(m) for m in runs]
-            row[name] = round(statistics.fmean(values), 2)
-            row[f"{name}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+            row[name], row[f"{name}_std"] = (round(x, 2) for x in mean_std([get(m) for m in by_seed.values()]))
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
-    head = "| loss | test rsum | mAP@R (%) | sampled FN rate (%) | hardest FN rate (%) |\n|---|---|---|---|---|\n"
+def paired(results: dict[str, dict[int, dict[str, float]]], baseline: str = "vsepp") -> list[dict[str, object]]:
+    """Per-seed differences method - baseline (same pretrained start), mean and 95% t-interval."""
+    rows = []
+    for method, by_seed in results.items():
+        if method == baseline or baseline not in results:
+            continue
+        seeds = sorted(set(by_seed) & set(results[baseline]))
+        row: dict[str, object] = {"method": method, "baseline": baseline, "seeds": seeds}
+        for name in ("test_rsum", "map_at_r", "rprecision", "sampled_fn_rate"):
+            get = COLUMNS[name]
+            diffs = [get(by_seed[s]) - get(results[baseline][s]) for s in seeds]
+            mean, std = mean_std(diffs)
+            half = T95.get(len(diffs) - 1, 1.96) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+            row[name] = {"diffs": [round(d, 2) for d in diffs], "mean": round(mean, 2),
+                         "ci95": [round(mean - half, 2), round(mean + half, 2)]}
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, object]], pairs: list[dict[str, object]]) -> str:
     cell = lambda r, k: f"{r[k]:.1f} ± {r[k + '_std']:.1f}"  # noqa: E731
-    return head + "".join(
-        f"| {r['variant']} | {cell(r, 'test_rsum')} | {cell(r, 'test_map_at_r')} | "
-        f"{cell(r, 'sampled_fn_rate')} | {cell(r, 'hardest_fn_rate')} |\n" for r in rows)
+    text = ("| method | test rsum | mAP@R (%) | i2t / t2i mAP@R | R-Precision (%) | sampled FN (%) | hardest FN (%) |\n"
+            "|---|---|---|---|---|---|---|\n")
+    text += "".join(f"| {r['method']} | {cell(r, 'test_rsum')} | {cell(r, 'map_at_r')} | "
+                    f"{r['i2t_map_at_r']:.1f} / {r['t2i_map_at_r']:.1f} | {cell(r, 'rprecision')} | "
+                    f"{cell(r, 'sampled_fn_rate')} | {cell(r, 'hardest_fn_rate')} |\n" for r in rows)
+    text += ("\n| method - vsepp (paired by seed) | rsum: mean [95% CI] | mAP@R: mean [95% CI] | "
+             "R-Precision: mean [95% CI] | per-seed rsum differences |\n|---|---|---|---|---|\n")
+    fmt = lambda d: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
+    text += "".join(f"| {p['method']} | {fmt(p['test_rsum'])} | {fmt(p['map_at_r'])} | {fmt(p['rprecision'])} | "
+                    f"{', '.join(f'{d:+.1f}' for d in p['test_rsum']['diffs'])} |\n" for p in pairs)
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_synthetic_fn"))
-    parser.add_argument("--smoke", action="store_true", help="tiny data and 2 epochs (checks the script runs)")
+    parser.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch per phase (checks the script runs)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     extra = (SMOKE if args.smoke else []) + args.overrides
-    results = {v: [run(v, s, args.out, extra) for s in args.seeds] for v in args.variants}
-    rows = summarise(results)
-    for row in rows:
+    fine_extra = extra + (["trainer.max_epochs=1"] if args.smoke else [])
+    results: dict[str, dict[int, dict[str, float]]] = {m: {} for m in args.methods}
+    for seed in args.seeds:  # seed by seed: an interrupted benchmark has whole seeds to compare
+        export = pretrained(seed, args.out, extra, epochs=1 if args.smoke else 10)
+        for method in args.methods:
+            results[method][seed] = finetune(method, seed, export, args.out, fine_extra)
+    rows, pairs = summarise(results), paired(results)
+    for row in [*rows, *pairs]:
         print(json.dumps(row))
-    table = markdown(rows)
+    table = markdown(rows, pairs)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "synthetic_fn.md").write_text(table)
+    (args.out / "synthetic_fn.json").write_text(json.dumps({"methods": rows, "paired": pairs}, indent=1))
 
 
 if __name__ == "__main__":
