@@ -43,6 +43,24 @@ def test_positive_index_membership() -> None:
     assert got.tolist() == [True, True, False, False, False]
 
 
+@pytest.mark.parametrize("bitmap", [True, False])
+def test_positive_index_bitmap_and_search_agree_with_a_set(bitmap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fne_lightning.fne import positives
+
+    if not bitmap:
+        monkeypatch.setattr(positives, "MAX_BITMAP_BITS", 0)
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.stack([torch.randint(0, 40, (300,), generator=g), torch.randint(0, 90, (300,), generator=g)], 1)
+    index = PositiveIndex()
+    index.set_pairs(pairs, num_texts=100)  # captions 90..99 have no positive: beyond the table's width
+    assert bool(index.bitmap.numel()) == bitmap
+    images, texts = torch.arange(-1, 42)[:, None], torch.arange(-1, 101)[None, :]  # (43, 1) x (1, 102)
+    truth = {tuple(p) for p in pairs.tolist()}
+    want = torch.tensor([[(i, j) in truth for j in texts[0].tolist()] for i in images[:, 0].tolist()])
+    got = index.contains(images, texts)
+    assert got.shape == (43, 102) and torch.equal(got, want) and 0 < int(want.sum()) <= 300
+
+
 def _batch(b: int = 8, d: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     v = F.normalize(torch.randn(b, d, generator=g), dim=-1)

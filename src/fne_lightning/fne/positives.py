@@ -2,13 +2,20 @@
 
 The pairs of a split's ``.positives.json`` are kept as sorted int64 keys
 ``image * num_texts + caption``; a membership test is one ``searchsorted``: vectorised, on
-the training device, no host sync, and small enough for COCO-scale annotation files.
+the training device, no host sync, and small enough for COCO-scale annotation files. When the
+full image x caption table is small (at most ``MAX_BITMAP_BITS`` cells, e.g. the synthetic
+benchmark's 4,000 x 20,000), it is also kept as a packed bitmap and a test is a byte lookup: the
+diagnostics test every (anchor, candidate) pair of a step, where ``searchsorted`` into the
+hundreds of thousands of keys cost 50 ms a step on a CPU.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+MAX_BITMAP_BITS = 2**28  # 32 MB packed (and a 256 MB bool table while building it)
 
 
 class PositiveIndex(nn.Module):
@@ -18,7 +25,9 @@ class PositiveIndex(nn.Module):
         super().__init__()
         # Not persistent: it is data of the dataset, rebuilt from the annotations at setup.
         self.register_buffer("keys", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("bitmap", torch.empty(0, dtype=torch.uint8), persistent=False)
         self.num_texts = 0
+        self.num_images = 0
 
     @property
     def available(self) -> bool:
@@ -26,22 +35,35 @@ class PositiveIndex(nn.Module):
 
     def set_pairs(self, pairs: Tensor | None, num_texts: int) -> None:
         """``pairs``: (P, 2) LongTensor of (image index, caption index); None clears it."""
+        device = self.keys.device
+        self.bitmap = torch.empty(0, dtype=torch.uint8, device=device)
         if pairs is None or pairs.numel() == 0:
-            self.keys = torch.empty(0, dtype=torch.long, device=self.keys.device)
-            self.num_texts = 0
+            self.keys = torch.empty(0, dtype=torch.long, device=device)
+            self.num_texts = self.num_images = 0
             return
-        pairs = pairs.to(self.keys.device, torch.long)
+        pairs = pairs.to(device, torch.long)
         self.num_texts = int(num_texts)
+        self.num_images = int(pairs[:, 0].max()) + 1
         self.keys = torch.unique(pairs[:, 0] * self.num_texts + pairs[:, 1])  # sorted
+        cells = self.num_images * self.num_texts
+        if cells <= MAX_BITMAP_BITS:
+            table = np.zeros(cells, dtype=bool)
+            table[self.keys.cpu().numpy()] = True
+            self.bitmap = torch.from_numpy(np.packbits(table, bitorder="little")).to(device)
 
     def contains(self, image_ids: Tensor, text_ids: Tensor) -> Tensor:
         """Bool tensor (broadcast shape of the inputs): does each pair truly match?
 
-        Unknown ids (negative, e.g. never-written bank slots) are never positives.
+        Unknown ids (negative, e.g. never-written bank slots, or beyond the split) are never positives.
         """
         if not self.available:
             return torch.zeros(torch.broadcast_shapes(image_ids.shape, text_ids.shape),
                                dtype=torch.bool, device=image_ids.device)
+        known = (image_ids >= 0) & (text_ids >= 0) & (image_ids < self.num_images) & (text_ids < self.num_texts)
         query = image_ids.long() * self.num_texts + text_ids.long()
+        if self.bitmap.numel():
+            query = query.clamp(0, self.num_images * self.num_texts - 1)
+            byte = self.bitmap[query >> 3]
+            return (byte.bitwise_right_shift((query & 7).to(torch.uint8)) & 1).bool() & known
         pos = torch.searchsorted(self.keys, query).clamp_(max=self.keys.numel() - 1)
-        return (self.keys[pos] == query) & (image_ids >= 0) & (text_ids >= 0)
+        return (self.keys[pos] == query) & known

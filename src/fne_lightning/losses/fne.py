@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fne_lightning.errors import check
 from fne_lightning.fne.bank import MemoryBank
+from fne_lightning.fne.diagnostics import binned_auc, posterior_logit
 from fne_lightning.fne.negatives import fne_weights, hardest_negatives, sample_negatives
 from fne_lightning.fne.stats import Gaussians, SimilarityStats
 from fne_lightning.losses.base import PosteriorView
@@ -142,17 +143,20 @@ class FNELoss(TripletLoss):
             # (its captions/image are positives, not negatives).
             valid = cand_valid[None, :] & (cand_image_ids[None, :] != image_ids[:, None])  # (B, Bc + K)
             gaussians = self.stats.snapshot()
-        i2t = self._direction(v, (v * mt).sum(-1), batch_mt, bank.text_features, valid, gaussians,
-                              lambda idx: self.positives.contains(image_ids, cand_text_ids[idx]))
-        t2i = self._direction(t, (t * mv).sum(-1), batch_mv, bank.image_features, valid, gaussians,
-                              lambda idx: self.positives.contains(cand_image_ids[idx], text_ids))
+            truth_i2t = truth_t2i = None
+            if self.positives.available:  # which candidates truly match their anchor: (B, Bc + K) each
+                truth_i2t = self.positives.contains(image_ids[:, None], cand_text_ids[None, :])
+                truth_t2i = self.positives.contains(cand_image_ids[None, :], text_ids[:, None])
+        i2t = self._direction(v, (v * mt).sum(-1), batch_mt, bank.text_features, valid, gaussians, truth_i2t)
+        t2i = self._direction(t, (t * mv).sum(-1), batch_mv, bank.image_features, valid, gaussians, truth_t2i)
         diagnostics = {k: (i2t.diagnostics[k] + t2i.diagnostics[k]) / 2 for k in i2t.diagnostics}
         return i2t.loss + t2i.loss, diagnostics
 
     def _direction(self, anchors: Tensor, positive_scores: Tensor, batch_candidates: Tensor,
-                   bank_candidates: Tensor, valid: Tensor, gaussians: Gaussians, truly_matches) -> _Direction:
+                   bank_candidates: Tensor, valid: Tensor, gaussians: Gaussians, truth: Tensor | None) -> _Direction:
         """One direction: anchors (B, D) vs momentum batch (Bc, D) + bank (K, D) candidates;
-        ``valid`` (B, Bc + K) marks the candidates that may be negatives."""
+        ``valid`` (B, Bc + K) marks the candidates that may be negatives, ``truth`` (same shape, when
+        the data declares its positives) those that truly match their anchor."""
         with torch.no_grad():
             # Selection needs no gradient: score all candidates once without autograd, then
             # recompute only the B chosen scores with gradient (no backward through (B, Bc + K)).
@@ -161,14 +165,14 @@ class FNELoss(TripletLoss):
             hard_idx, hard_has = hardest_negatives(s, valid)
             if self.selection == "hardest":
                 idx, has = hard_idx, hard_has
-                flagged = cut = None
+                flagged = cut = p_fn = None
             else:
                 w = fne_weights(s, positive_scores.detach(), valid, gaussians, tau=self.tau,
                                 match_prior=self.match_prior, false_margin=self.false_margin,
                                 weighting=self.weighting, cutdown=self.cutdown, posterior=self.posterior)
                 idx, has = sample_negatives(w.weights, s, valid, generator=self.generator,
                                             hardest=(hard_idx, hard_has))
-                flagged, cut = w.flagged, w.cut
+                flagged, cut, p_fn = w.flagged, w.cut, w.p_fn
             negatives = candidate_rows(batch_candidates, bank_candidates, idx)  # (B, D)
         negative_scores = (anchors * negatives).sum(-1)  # (B,), gradient to the anchors only
         loss = triplet_hinge(negative_scores, positive_scores, self.margin, has)
@@ -183,10 +187,30 @@ class FNELoss(TripletLoss):
                 "hardest_sim": (s.gather(1, hard_idx[:, None]).squeeze(1) * hard_has).sum()
                 / hard_has.sum().clamp(min=1),
             }
-            if self.positives.available:
-                diagnostics["sampled_fn_rate"] = fn_rate(truly_matches(idx), has)
-                diagnostics["hardest_fn_rate"] = fn_rate(truly_matches(hard_idx), hard_has)
+            if truth is not None:
+                diagnostics.update(self._truth_diagnostics(s, valid, truth, idx, has, hard_idx, hard_has,
+                                                           flagged, p_fn, n_valid))
         return _Direction(loss, diagnostics)
+
+    @staticmethod
+    def _truth_diagnostics(s: Tensor, valid: Tensor, truth: Tensor, idx: Tensor, has: Tensor, hard_idx: Tensor,
+                           hard_has: Tensor, flagged: Tensor | None, p_fn: Tensor | None,
+                           n_valid: Tensor) -> dict[str, Tensor]:
+        """What the known truth says of this direction's candidates (``fne/diagnostics.py``):
+        the FN rates of the used and the hardest negatives, the base rate, and how well the
+        posterior (and the raw score, for comparison) separate true matches from true negatives."""
+        true_match, true_negative = valid & truth, valid & ~truth  # (B, N)
+        out = {
+            "sampled_fn_rate": fn_rate(truth.gather(1, idx[:, None]).squeeze(1), has),
+            "hardest_fn_rate": fn_rate(truth.gather(1, hard_idx[:, None]).squeeze(1), hard_has),
+            "fn_base_rate": torch.count_nonzero(true_match) / n_valid,
+            "score_auc": binned_auc(s, true_match, true_negative, -1.0, 1.0),
+        }
+        if flagged is not None and p_fn is not None:
+            # 0 in a step that flags nothing (the epoch average then under-states the precision).
+            out["flagged_precision"] = torch.count_nonzero(flagged & truth) / torch.count_nonzero(flagged).clamp(min=1)
+            out["posterior_auc"] = binned_auc(posterior_logit(p_fn), true_match, true_negative, -90.0, 20.0)
+        return out
 
     def _stat_diagnostics(self) -> dict[str, Tensor]:
         pos_mean, pos_var, neg_mean, neg_var = self.stats.gaussians()

@@ -124,10 +124,17 @@ class TripletLoss(RetrievalLoss):
                 with torch.no_grad():
                     fn_i2t = self.positives.contains(image_ids, cand.text_ids[out.i2t_negative])
                     fn_t2i = self.positives.contains(cand.image_ids[out.t2i_negative], text_ids)
-                    rate = (fn_rate(fn_i2t, out.i2t_has) + fn_rate(fn_t2i, out.t2i_has)) / 2
-                    # Negatives of VSE losses are the hardest ones: both rates are the same number.
-                    diagnostics["sampled_fn_rate"] = rate
-                    diagnostics["hardest_fn_rate"] = rate
+                    hardest = (fn_rate(fn_i2t, out.i2t_has) + fn_rate(fn_t2i, out.t2i_has)) / 2
+                    diagnostics["hardest_fn_rate"] = hardest
+                    if kind == "vsepp":  # the negative used is the hardest one
+                        diagnostics["sampled_fn_rate"] = hardest
+                    else:  # VSE0 uses every negative: the share of them that truly match
+                        negative = ~same_image  # (B, M)
+                        truth_i2t = self.positives.contains(image_ids[:, None], cand.text_ids[None, :])
+                        truth_t2i = self.positives.contains(cand.image_ids[None, :], text_ids[:, None])
+                        n = torch.count_nonzero(negative).clamp(min=1)
+                        diagnostics["sampled_fn_rate"] = (torch.count_nonzero(truth_i2t & negative)
+                                                          + torch.count_nonzero(truth_t2i & negative)) / (2 * n)
         return out.loss, diagnostics
 
 

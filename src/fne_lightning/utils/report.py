@@ -52,12 +52,15 @@ def format_markdown(metrics: Mapping[str, float], prefix: str = "test", title: s
     return "\n".join(out) + "\n"
 
 
-# Training numbers shown by `print_summary` when present: (key, label, is a rate).
-RUN_KEYS = (("val/rsum_best", "best val rsum", False),
-            ("fne/sampled_fn_rate", "sampled negatives that truly match", True),
-            ("fne/hardest_fn_rate", "hardest negatives that truly match", True),
-            ("fne/flagged_rate", "candidates flagged as probable false negatives", True),
-            ("fne/cutdown_rate", "candidates cut down", True))
+# Training numbers shown by `print_summary` when present: (key, label, format).
+RUN_KEYS = (("val/rsum_best", "best val rsum", "number"),
+            ("fne/sampled_fn_rate", "sampled negatives that truly match", "rate"),
+            ("fne/hardest_fn_rate", "hardest negatives that truly match", "rate"),
+            ("fne/fn_base_rate", "candidates that truly match (base rate)", "rate"),
+            ("fne/flagged_rate", "candidates flagged as probable false negatives", "rate"),
+            ("fne/flagged_precision", "flagged candidates that truly match", "rate"),
+            ("fne/posterior_auc", "ROC AUC of p_fn (true matches vs negatives)", "auc"),
+            ("fne/cutdown_rate", "candidates cut down", "rate"))
 
 
 def print_summary(metrics: Mapping[str, float], files: Mapping[str, object] | None = None,
@@ -89,9 +92,11 @@ def print_summary(metrics: Mapping[str, float], files: Mapping[str, object] | No
     run = Table(show_header=False, box=None)
     run.add_column(style="bold", no_wrap=True)
     run.add_column(overflow="fold")
-    for key, label, rate in RUN_KEYS:
+    for key, label, kind in RUN_KEYS:
         if key in metrics:
-            run.add_row(label, f"{100 * metrics[key]:.1f}%" if rate else _fmt(metrics[key]))
+            value = metrics[key]
+            run.add_row(label, f"{100 * value:.1f}%" if kind == "rate" else f"{value:.3f}" if kind == "auc"
+                        else _fmt(value))
     for label, value in (files or {}).items():
         if value is not None:
             run.add_row(label, Text(str(value)))  # Text: no markup or highlighting in paths
