@@ -226,11 +226,21 @@ class RetrievalModule(L.LightningModule):
         return all(n >= len(dl) for n, dl in zip(counts, loaders, strict=True))
 
     def _eval_epoch_end(self, metric: RetrievalMetric, stage: str) -> None:
-        if self.trainer.sanity_checking or not self.saw_whole_split(stage):
-            if not self.trainer.sanity_checking:
-                rank_zero_warn(f"{stage}: retrieval metrics need every image and caption of the split; "
-                               "this pass saw only part of it (limit_*_batches / fast_dev_run), so none are logged")
+        if self.trainer.sanity_checking:
             metric.reset()
+            return
+        if not self.saw_whole_split(stage):
+            # limit_*_batches < 1: score what was seen, so that `val/rsum` (the checkpoint monitor)
+            # exists; the same part of the split every pass, so epochs stay comparable.
+            scores, n_img, n_txt = metric.subset_scores()
+            metric.reset()
+            if n_txt == 0:
+                rank_zero_warn(f"{stage}: no caption of the images seen (limit_*_batches): no retrieval metrics")
+                return
+            rank_zero_warn(f"{stage}: retrieval metrics of the part of the split seen ({n_img} images, {n_txt} of "
+                           "their captions; limit_*_batches < 1): not comparable with whole-split numbers")
+            self.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items() if k != "rsum"})
+            self.log(f"{stage}/rsum", float(scores["rsum"]), prog_bar=True)
             return
         scores = metric.compute()
         # COCO 1K protocol (data.test_folds): the mean over consecutive folds of the test split.

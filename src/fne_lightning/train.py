@@ -107,6 +107,33 @@ def check_recipe() -> None:
                    "for the base recipe, or experiment=synthetic to run it anyway")
 
 
+def check_launch(cfg: DictConfig) -> None:
+    """Refuse a local multirun sweep of multi-process DDP runs, before any process starts.
+
+    Lightning's DDP launcher starts the other ranks by re-running this command line, and a
+    Hydra multirun command line is the whole sweep: every child rank would start a sweep of
+    its own. One job per SLURM allocation (``hydra/launcher=slurm``) has no such problem.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from fne_lightning.errors import FNEError
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    trainer = cfg.get("trainer") or {}
+    devices = trainer.get("devices", 1)
+    processes = (devices if isinstance(devices, int) else len(devices) if not isinstance(devices, str)
+                 else 2 if devices == "-1" else 1)
+    ddp = str(trainer.get("strategy", "")).startswith("ddp") and (processes * int(trainer.get("num_nodes", 1)) > 1)
+    launcher = str(hc.runtime.choices.get("hydra/launcher", "basic"))
+    if hc.mode == RunMode.MULTIRUN and ddp and launcher == "basic":
+        raise FNEError(f"trainer.strategy={trainer.get('strategy')!r}: a local multirun sweep (-m or hparams_search) "
+                       "cannot launch DDP runs (each rank Lightning starts would re-run the whole sweep); sweep "
+                       "with hydra/launcher=slurm (one job per sweep point), or run the points one at a time")
+
+
 def build(cfg: DictConfig) -> tuple[Any, Any]:
     """Instantiate (module, datamodule) from a composed config."""
     from hydra.utils import instantiate
@@ -166,6 +193,7 @@ def train(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[str, floa
     from fne_lightning.utils.logs import configure_logging
 
     check_recipe()
+    check_launch(cfg)
     configure_logging(verbose_run(cfg))
     L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule = build(cfg)

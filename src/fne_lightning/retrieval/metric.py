@@ -38,10 +38,7 @@ def _unique_by_index(features: Tensor, indices: Tensor, expected: int, modality:
     DistributedSampler pads the last batches with repeated samples; the first copy (in gathered
     order) is kept.
     """
-    ordered, perm = torch.sort(indices, stable=True)
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[1:] = ordered[1:] != ordered[:-1]  # (M,) first copy of each index
-    unique = ordered[first]
+    features, unique = _dedup(features, indices)
     n = unique.numel()
     if n != expected or (n and (int(unique[0]) != 0 or int(unique[-1]) != expected - 1)):
         span = f" in [{int(unique[0])}, {int(unique[-1])}]" if n else ""
@@ -50,7 +47,15 @@ def _unique_by_index(features: Tensor, indices: Tensor, expected: int, modality:
             f"(0..{expected - 1}): was part of the split skipped (e.g. limit_val_batches < 1.0), or do the "
             f"targets belong to another split?"
         )
-    return features[perm[first]]
+    return features
+
+
+def _dedup(features: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of the distinct dataset ``indices``, in index order (the first copy of each), and those indices."""
+    ordered, perm = torch.sort(indices, stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]  # (M,) first copy of each index
+    return features[perm[first]], ordered[first]
 
 
 class RetrievalMetric(Metric):
@@ -132,6 +137,32 @@ class RetrievalMetric(Metric):
         images, texts = self.features()
         return coco_1k_scores(images, texts, self.text_to_image, self.positive_pairs, num_folds,
                               chunk_size=self.chunk_size)
+
+    def subset_scores(self) -> tuple[dict[str, float], int, int]:
+        """Scores over the part of the split that was added (``limit_val_batches < 1``): the captions
+        seen whose image was seen, and those images, re-indexed; with the two counts.
+
+        Not comparable with scores of the whole split (fewer candidates make retrieval easier), but
+        a consistent number to select checkpoints by when every pass sees the same part.
+        """
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                               should_unsync=self._should_unsync):
+            images, image_idx = _dedup(dim_zero_cat(self.image_features), dim_zero_cat(self.image_indices))
+            texts, text_idx = _dedup(dim_zero_cat(self.text_features), dim_zero_cat(self.text_indices))
+        t2i = self.text_to_image.to(text_idx.device)[text_idx]  # (n_txt,) dataset image index
+        keep = torch.isin(t2i, image_idx)
+        texts, text_idx, t2i = texts[keep], text_idx[keep], t2i[keep]
+        with_caption = torch.isin(image_idx, t2i)  # an image ranks its captions: it needs one
+        images, image_idx = images[with_caption], image_idx[with_caption]
+        local_t2i = torch.searchsorted(image_idx, t2i)  # image position in the subset
+        pairs = None
+        if self.positive_pairs is not None:
+            p = self.positive_pairs.to(image_idx.device)
+            inside = torch.isin(p[:, 0], image_idx) & torch.isin(p[:, 1], text_idx)
+            pairs = torch.stack([torch.searchsorted(image_idx, p[inside, 0]),
+                                 torch.searchsorted(text_idx, p[inside, 1])], 1)
+        scores = retrieval_scores(images, texts, local_t2i, pairs, chunk_size=self.chunk_size)
+        return scores, images.shape[0], texts.shape[0]
 
     def compute(self) -> dict[str, float]:
         """Deduplicate, order by dataset index and rank: see :func:`retrieval_scores`."""
