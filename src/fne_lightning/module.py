@@ -90,8 +90,16 @@ class RetrievalModule(L.LightningModule):
     def on_fit_start(self) -> None:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed + self.global_rank)  # differs per rank, reproducible from the seed
-        if self._generator_state is not None:
-            gen.set_state(self._generator_state)
+        state = self._generator_state
+        if state is not None and state.dim() == 2:  # one row per rank (saved by a multi-process run)
+            if state.shape[0] == self.trainer.world_size:
+                state = state[self.global_rank].clone()  # set_state wants a tensor of its own
+            else:
+                rank_zero_warn(f"the checkpoint holds the negative sampler's streams of {state.shape[0]} processes, "
+                               f"this run has {self.trainer.world_size}: each rank restarts from seed + rank")
+                state = None
+        if state is not None:
+            gen.set_state(state)
         self.generator = gen
         self.loss.set_generator(gen)
 
@@ -101,7 +109,13 @@ class RetrievalModule(L.LightningModule):
         # and the epoch the statistics belong to. Tensors and plain types only (weights_only).
         gen = getattr(self, "generator", None)  # set in on_fit_start; absent for a bare save
         if gen is not None:
-            checkpoint["sampler_generator"] = gen.get_state()
+            state = gen.get_state()
+            if self.trainer.world_size > 1:
+                # Every rank draws from its own stream: keep all of them (rank r's in row r), so that
+                # a resumed multi-process run continues each rank's stream. Checkpoints are dumped on
+                # every rank (written by rank 0), so the gather is a collective all ranks reach.
+                state = self.all_gather(state.to(self.device)).cpu()  # (world, S)
+            checkpoint["sampler_generator"] = state
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
