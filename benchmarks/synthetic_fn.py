@@ -16,7 +16,7 @@ against ``vsepp`` (per-seed paired differences, their mean and a 95% t-interval)
 as markdown and JSON into ``--out``. Runs whose ``metrics.json`` exists are skipped, so an
 interrupted benchmark resumes.
 
-    python benchmarks/synthetic_fn.py --seeds 0 1 2 3 4       # the README table (~30 min on 2 cores)
+    python benchmarks/synthetic_fn.py --seeds 0 1 2 3 4       # the README table (35-45 min on 2 cores)
     python benchmarks/synthetic_fn.py --seeds 0 --smoke        # tiny data, 1 epoch each: checks it runs
 """
 
