@@ -243,23 +243,22 @@ class RetrievalModule(L.LightningModule):
         if self.trainer.sanity_checking:
             metric.reset()
             return
-        if not self.saw_whole_split(stage):
+        fold_scores: dict[str, float] = {}
+        if self.saw_whole_split(stage):
+            scores = metric.compute()
+            # COCO 1K protocol (data.test_folds): the mean over consecutive folds of the test split.
+            folds = getattr(self.trainer.datamodule, "test_folds", None) if stage == "test" else None
+            fold_scores = metric.fold_scores(folds) if folds else {}
+        else:
             # limit_*_batches < 1: score what was seen, so that `val/rsum` (the checkpoint monitor)
             # exists; the same part of the split every pass, so epochs stay comparable.
             scores, n_img, n_txt = metric.subset_scores()
-            metric.reset()
             if n_txt == 0:
+                metric.reset()
                 rank_zero_warn(f"{stage}: no caption of the images seen (limit_*_batches): no retrieval metrics")
                 return
             rank_zero_warn(f"{stage}: retrieval metrics of the part of the split seen ({n_img} images, {n_txt} of "
                            "their captions; limit_*_batches < 1): not comparable with whole-split numbers")
-            self.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items() if k != "rsum"})
-            self.log(f"{stage}/rsum", float(scores["rsum"]), prog_bar=True)
-            return
-        scores = metric.compute()
-        # COCO 1K protocol (data.test_folds): the mean over consecutive folds of the test split.
-        folds = getattr(self.trainer.datamodule, "test_folds", None) if stage == "test" else None
-        fold_scores = metric.fold_scores(folds) if folds else {}
         metric.reset()
         # Every rank computed the same numbers from gathered features: no further reduction.
         self.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items() if k != "rsum"})

@@ -110,13 +110,14 @@ class FNELoss(TripletLoss):
                 same = image_ids[:, None] == image_ids[None, :]  # (B, B)
                 self.stats.update(v.detach() @ t.detach().T, same)
             skipped = momentum_image_features is None or momentum_text_features is None
+            if not skipped:
+                mv, mt = momentum_image_features.float().detach(), momentum_text_features.float().detach()
             if warmup:
                 loss, diagnostics = self.in_batch_loss(v, t, image_ids, text_ids, self.warmup_loss)
             elif skipped:
                 raise ValueError("FNELoss needs the momentum features outside the warm-up")
             else:
-                loss, diagnostics = self._fne(v, t, momentum_image_features.float().detach(),
-                                              momentum_text_features.float().detach(), image_ids, text_ids)
+                loss, diagnostics = self._fne(v, t, mv, mt, image_ids, text_ids)
             diagnostics.update(self._stat_diagnostics())
             if skipped:
                 # An early warm-up step (momentum_horizon): its rows would be overwritten before
@@ -125,8 +126,7 @@ class FNELoss(TripletLoss):
             else:
                 # After the loss: the global momentum batch enters the bank for the next steps
                 # (filled during warm-up too). Nothing of the bank is saved for backward.
-                self.bank.enqueue(gather_no_grad(momentum_image_features.float().detach()),
-                                  gather_no_grad(momentum_text_features.float().detach()),
+                self.bank.enqueue(gather_no_grad(mv), gather_no_grad(mt),
                                   gather_no_grad(image_ids), gather_no_grad(text_ids))
         return loss, diagnostics
 
