@@ -51,6 +51,13 @@ from fne_lightning.fne.stats import SimilarityStats
 from fne_lightning.losses import FNELoss
 
 PAPER_SIZES = "32,8224,768;128,65536,768"
+# The options beyond the published rule (README, "Beyond the published rule"), each timed against
+# the same hardest-negative step with --variants.
+VARIANTS = {
+    "estimated_prior": {"weighting": "complement", "prior": "estimated"},
+    "exclude": {"exclude": 0.5},
+    "online_batch": {"online_batch": True},
+}
 
 
 def _features(ids: Tensor, parts: dict[str, Tensor], gen: torch.Generator) -> Tensor:
@@ -106,11 +113,11 @@ def make_inputs(batch: int, bank_size: int, dim: int, device: torch.device, seed
     }
 
 
-def make_loss(inputs: dict, selection: str) -> FNELoss:
+def make_loss(inputs: dict, selection: str, **options: object) -> FNELoss:
     """A ready `FNELoss`: full bank and Gaussians copied from the shared inputs."""
     bank: MemoryBank = inputs["bank"]
     loss = FNELoss(embed_dim=bank.image_features.shape[1], memory_size=bank.size, selection=selection,
-                   warmup_epochs=0).to(bank.image_features.device)
+                   warmup_epochs=0, **options).to(bank.image_features.device)
     loss.bank.load_state_dict(bank.state_dict())
     loss.stats.load_state_dict(inputs["stats"].state_dict())
     loss.generator = inputs["gen"]
@@ -134,16 +141,20 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def bench(batch: int, bank_size: int, dim: int, device: torch.device, warmup: int, repeats: int) -> dict:
+def bench(batch: int, bank_size: int, dim: int, device: torch.device, warmup: int, repeats: int,
+          variants: tuple[str, ...] = ()) -> dict:
     inputs = make_inputs(batch, bank_size, dim, device)
-    losses = {"fne": make_loss(inputs, "sample"), "hardest": make_loss(inputs, "hardest")}
-    times: dict[str, list[float]] = {"fne": [], "hardest": []}
+    losses = {"fne": make_loss(inputs, "sample"), "hardest": make_loss(inputs, "hardest"),
+              **{v: make_loss(inputs, "sample", **VARIANTS[v]) for v in variants}}
+    times: dict[str, list[float]] = {name: [] for name in losses}
     for i in range(warmup + repeats):
-        for select in ("fne", "hardest") if i % 2 == 0 else ("hardest", "fne"):
+        for select in list(losses) if i % 2 == 0 else list(losses)[::-1]:
             elapsed = _timed(lambda select=select: step(losses[select], inputs), device)
             if i >= warmup:
                 times[select].append(elapsed)
     fne, hardest = min(times["fne"]), min(times["hardest"])
+    extra = {f"{v}_ms": round(min(times[v]), 2) for v in variants}
+    extra.update({f"{v}_ratio": round(min(times[v]) / hardest, 2) for v in variants})
     return {
         "batch": batch,
         "bank": bank_size,
@@ -156,6 +167,7 @@ def bench(batch: int, bank_size: int, dim: int, device: torch.device, warmup: in
         "hardest_ms_median": round(statistics.median(times["hardest"]), 2),
         "repeats": repeats,
         "threads": torch.get_num_threads(),
+        **extra,
     }
 
 
@@ -165,13 +177,15 @@ def main() -> None:
     parser.add_argument("--devices", default=None, help="comma-separated; default cpu (+ cuda if available)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                        help="also time these options beyond the published rule (ratio to the same hardest step)")
     args = parser.parse_args()
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] * torch.cuda.is_available())
     rows = []
     for device in devices:
         for size in args.sizes.split(";"):
             b, k, d = (int(x) for x in size.split(","))
-            row = bench(b, k, d, torch.device(device), args.warmup, args.repeats)
+            row = bench(b, k, d, torch.device(device), args.warmup, args.repeats, tuple(args.variants))
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(f"\n{'device':>8} {'B':>5} {'K':>7} {'D':>5} {'fne ms':>9} {'hardest ms':>11} {'ratio':>6}")
@@ -180,6 +194,11 @@ def main() -> None:
             f"{r['device']:>8} {r['batch']:>5} {r['bank']:>7} {r['dim']:>5} "
             f"{r['fne_ms']:>9.2f} {r['hardest_ms']:>11.2f} {r['ratio']:>6.2f}"
         )
+    if args.variants:
+        print(f"\n{'B':>5} {'K':>7} " + " ".join(f"{v + ' ms (ratio)':>26}" for v in args.variants))
+        for r in rows:
+            print(f"{r['batch']:>5} {r['bank']:>7} "
+                  + " ".join(f"{r[v + '_ms']:>17.2f} ({r[v + '_ratio']:.2f})" for v in args.variants))
 
 
 if __name__ == "__main__":

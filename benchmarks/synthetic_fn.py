@@ -38,6 +38,11 @@ METHODS = {
     "fne": ["loss=fne"],
     "fne_complement": ["loss=fne", "loss.weighting=complement"],
     "fne_complement_prior": ["loss=fne", "loss.weighting=complement", "loss.match_prior=0.01"],
+    # Beyond the published rule (README, "Beyond the published rule"), one idea per row, then together.
+    "fne_estimated_prior": ["loss=fne", "loss.weighting=complement", "loss.prior=estimated"],
+    "fne_exclude": ["loss=fne", "loss.exclude=0.5"],
+    "fne_estimated_exclude": ["loss=fne", "loss.prior=estimated", "loss.exclude=0.5"],
+    "fne_online": ["loss=fne", "loss.online_batch=true"],
 }
 SMOKE = ["data.num_train=64", "data.num_val=16", "data.num_test=16", "data.batch_size=32"]
 PRETRAIN = ["experiment=synthetic", "loss=vse0", "test=false"]

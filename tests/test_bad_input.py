@@ -90,6 +90,8 @@ CONFIG_CASES = {
     "tau": (["loss.tau=0"], "loss.tau=0"),
     "margin": (["loss.margin=-0.1"], "loss.margin=-0.1"),
     "cutdown": (["loss.cutdown=-0.1"], "loss.cutdown=-0.1"),
+    "prior": (["loss.prior=learned"], "loss.prior='learned': expected fixed or estimated"),
+    "exclude": (["loss.exclude=1.5"], "loss.exclude=1.5"),
     "batch_size": (["data.batch_size=0"], "data.batch_size=0"),
     "on_bad_image": (["data.on_bad_image=ignore"], "data.on_bad_image='ignore'"),
     "model_name": (["model.name=ViT-Q-99"], "model.name='ViT-Q-99'"),

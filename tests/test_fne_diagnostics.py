@@ -161,7 +161,7 @@ def test_binned_auc_equals_the_mann_whitney_statistic() -> None:
 
 
 @pytest.mark.parametrize("switch", [{"posterior": False}, {"weighting": "complement"}, {"cutdown": None},
-                                    {"match_prior": 0.5}])
+                                    {"match_prior": 0.5}, {"exclude": 0.5}, {"match_prior": torch.tensor(0.5)}])
 def test_every_ablation_switch_changes_the_drawn_negatives(switch: dict) -> None:
     g = torch.Generator().manual_seed(4)
     scores = torch.rand(64, 200, generator=g) * 1.4 - 0.4

@@ -53,6 +53,8 @@ def test_momentum_encoder_is_not_optimised_and_everything_fne_keeps_is_checkpoin
         ["loss.posterior=false"],
         ["loss.weighting=complement"],
         ["loss.selection=hardest"],
+        ["loss.online_batch=true"],
+        ["loss.prior=estimated", "loss.exclude=0.5"],
         ["loss.warmup_epochs=0", "loss.warmup_loss=vse0"],
         ["momentum=0.0", "loss.match_prior=0.01"],
         ["loss=vsepp"],

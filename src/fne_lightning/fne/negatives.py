@@ -13,6 +13,10 @@ candidate j (score s_ij, positive score s_i+):
                         any positive was seen)
 4. positives and invalid slots get 0; 5. an all-zero row takes its hardest valid negative.
 
+Options beyond the paper (``fne_weights(exclude=...)``, a tensor ``match_prior``): ``exclude``
+removes the candidates whose posterior exceeds it (weight 0) instead of down-weighting them, and
+``match_prior`` may be a 0-d tensor (e.g. the data-estimated prior of ``estimate_prior``).
+
 One negative per anchor is drawn with probability proportional to w by inverse-CDF
 sampling. The published code loops over anchors with `.item()`; here every function is
 whole-tensor, with no host sync (no `.item()`, `bool(tensor)`, `nonzero` or boolean-mask
@@ -57,9 +61,11 @@ def false_negative_posterior(
     pos_var: Tensor | float,
     neg_mean: Tensor | float,
     neg_var: Tensor | float,
-    match_prior: float,
+    match_prior: float | Tensor,
 ) -> Tensor:
     """p_fn(s) = sigmoid(log N+(s) - log N-(s) - log(1/match_prior - 1)), fp32, same shape.
+
+    ``match_prior``: a float in (0, 1) or a 0-d tensor of such a value (no host sync).
 
     In log space: the density ratio of two far-apart Gaussians overflows or underflows
     fp32, its logarithm does not, and sigmoid saturates cleanly to 0 or 1. The log ratio
@@ -69,7 +75,7 @@ def false_negative_posterior(
     variances near 0.01, and only near the 1e-6 variance floor (a degenerate fit) as
     large as 0.1.
     """
-    if not 0.0 < match_prior < 1.0:
+    if not isinstance(match_prior, Tensor) and not 0.0 < match_prior < 1.0:
         raise ValueError(f"match_prior={match_prior}: expected 0 < match_prior < 1")
     s = scores.float()
     mp, vp, mn, vn = (
@@ -83,7 +89,8 @@ def false_negative_posterior(
         0.5 * mn.square() / vn
         - 0.5 * mp.square() / vp
         + 0.5 * torch.log(vn / vp)
-        - math.log(1.0 / match_prior - 1.0)
+        + (torch.logit(match_prior.to(torch.float64)) if isinstance(match_prior, Tensor)
+           else -math.log(1.0 / match_prior - 1.0))
     )
     logit = torch.addcmul(b.float(), s, a.float())  # (B, N), the only buffer
     return logit.mul_(s).add_(c.float()).sigmoid_()
@@ -97,11 +104,13 @@ def fne_weights(
     gaussians: Gaussians,
     *,
     tau: float = 0.5,
-    match_prior: float = 1e-4,
+    match_prior: float | Tensor = 1e-4,
     false_margin: float = 0.999,
     weighting: Weighting = "reference",
     cutdown: float | None = 0.2,
     posterior: bool = True,
+    exclude: float | None = None,
+    cutdown_mean: Tensor | None = None,
 ) -> FNEWeights:
     """Sampling weight of every candidate (FNE_SPEC section 6), fp32, no gradient.
 
@@ -110,8 +119,14 @@ def fne_weights(
     slots; ``gaussians``: `stats.Gaussians` (e.g. ``SimilarityStats.snapshot()``) whose
     ``ready`` (bool scalar) gates step 2 and whose ``pos_count`` gates the cut-down, via
     ``torch.where`` rather than Python branches. ``posterior=False`` skips step 2 (the
-    weights are the hardness weights), ``cutdown=None`` skips step 3.
+    weights are the hardness weights), ``cutdown=None`` skips step 3. ``exclude`` (a
+    probability): candidates with ``p_fn > exclude`` are the flagged ones instead of those
+    above ``1 - false_margin``, and their weight is 0 (removed, whatever the weighting; with
+    ``posterior=False`` they are only reported). ``cutdown_mean``: the mu+ of the cut-down when
+    it is not the posterior's ``gaussians.pos_mean`` (0-d tensor).
     """
+    if exclude is not None and not 0.0 <= exclude < 1.0:
+        raise ValueError(f"exclude={exclude}: expected null or 0 <= exclude < 1")
     if weighting not in ("reference", "complement"):
         raise ValueError(f"weighting={weighting!r}: expected 'reference' or 'complement'")
     g = gaussians
@@ -119,7 +134,8 @@ def fne_weights(
     p_fn = false_negative_posterior(s, g.pos_mean, g.pos_var, g.neg_mean, g.neg_var, match_prior)  # (B, N)
     # `ready` and `pos_count` gate through 0-d thresholds (+inf: never flagged, -inf: never
     # cut), not through a broadcast bool op over (B, N), which is a slow path on CPU.
-    flag_threshold = torch.where(g.ready, 1.0 - false_margin, float("inf"))  # ()
+    flag_at = 1.0 - false_margin if exclude is None else exclude
+    flag_threshold = torch.where(g.ready, flag_at, float("inf"))  # ()
     flagged = torch.gt(p_fn, flag_threshold).logical_and_(valid)  # (B, N)
     # Both rules of the reference weighting are exp(-tau x): x = (s - s+)^2, or x = p_fn
     # on flagged candidates, so the replacement happens before the one exp, in place
@@ -136,9 +152,12 @@ def fne_weights(
         cut = torch.zeros_like(valid)
         keep = valid
     else:
-        cut_threshold = torch.where(g.pos_count > 0, g.pos_mean.float() - cutdown, float("-inf"))  # ()
+        mu = g.pos_mean if cutdown_mean is None else cutdown_mean
+        cut_threshold = torch.where(g.pos_count > 0, mu.float() - cutdown, float("-inf"))  # ()
         cut = torch.le(s, cut_threshold).logical_and_(valid)  # (B, N)
         keep = valid.logical_xor(cut)  # cut is a subset of valid: valid & ~cut
+    if posterior and exclude is not None:
+        keep = keep.logical_and(flagged.logical_not())
     # w is finite and >= 0, so multiplying by the mask is exactly `where(keep, w, 0)`, 5x faster on
     # the CPU than `torch.where(..., out=w)` with a 0-d zero.
     w.mul_(keep)

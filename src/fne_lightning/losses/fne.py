@@ -18,10 +18,15 @@ from fne_lightning.errors import check
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.diagnostics import binned_auc, posterior_logit
 from fne_lightning.fne.negatives import fne_weights, hardest_negatives, sample_negatives
-from fne_lightning.fne.stats import Gaussians, SimilarityStats
+from fne_lightning.fne.stats import VAR_FLOOR, Gaussians, SimilarityStats
 from fne_lightning.losses.base import PosteriorView
 from fne_lightning.losses.vse import TripletLoss, batch_candidates, fn_rate, triplet_hinge
-from fne_lightning.utils.distributed import gather_no_grad, world_size
+from fne_lightning.utils.distributed import all_reduce_sum, gather_no_grad, gather_with_local_grad, world_size
+
+PRIORS = ("fixed", "estimated")
+# Bounds of the estimated prior: above 0.5 matches would outnumber non-matches among the
+# negatives; below 1e-6 the estimate could never recover in float32 sigmoid arithmetic.
+PRIOR_BOUNDS = (1e-6, 0.5)
 
 
 def candidate_rows(batch_candidates: Tensor, bank_candidates: Tensor, index: Tensor) -> Tensor:
@@ -36,6 +41,7 @@ def candidate_rows(batch_candidates: Tensor, bank_candidates: Tensor, index: Ten
 class _Direction(NamedTuple):
     loss: Tensor
     diagnostics: dict[str, Tensor]
+    mixture_sums: Tensor  # (6,) EM sums over valid candidates for prior=estimated (zeros when unused)
 
 
 class FNELoss(TripletLoss):
@@ -57,6 +63,25 @@ class FNELoss(TripletLoss):
         warmup_epochs / warmup_loss: epochs of in-batch VSE before FNE starts.
         reset_stats_every_epoch: restart the Gaussian fit at each epoch (published behaviour).
         gather_batch: under DDP, in-batch candidates include the other ranks' batch items.
+
+    Options beyond the paper (README, "Beyond the published rule"; the defaults are the published
+    behaviour):
+        prior: ``fixed`` (``match_prior``, published) or ``estimated``: the candidates' scores
+            are modelled as a two-component Gaussian mixture, matches (weight ``prior``) and
+            non-matches, and all five parameters are fitted on the candidates themselves by one EM
+            step per training step (responsibilities p_fn under the current estimates). The first
+            step starts from ``match_prior`` and the published Gaussians. The published Gaussians
+            are fitted on confidently matched in-batch pairs and their hardest negatives, not on
+            the candidates the posterior is applied to (FNE_SPEC section 11): false negatives
+            score lower than confident pairs, and most candidates far lower than hardest
+            negatives. The estimates are the buffers ``prior_estimate`` and ``mixture`` (pos_mean,
+            pos_var, neg_mean, neg_var; all 0: not yet fitted), kept across epochs.
+        exclude: null (published), or a probability: candidates with ``p_fn > exclude`` are
+            removed (weight 0) instead of down-weighted, and an anchor whose every remaining
+            candidate is cut or removed falls back to its hardest candidate that is not removed.
+        online_batch: the in-batch candidates are the ONLINE features of the batch (gradient to
+            the negative as well as to the anchor, as in VSE++) and the positive score is the
+            online pair's; bank candidates stay momentum features (gradient to the anchor only).
     """
 
     requires_momentum = True
@@ -65,7 +90,8 @@ class FNELoss(TripletLoss):
                  match_prior: float = 1e-4, false_margin: float = 0.999, min_pos_samples: int = 200,
                  cutdown: float | None = 0.2, weighting: str = "reference", posterior: bool = True,
                  selection: str = "sample", warmup_epochs: int = 1, warmup_loss: str = "vsepp",
-                 reset_stats_every_epoch: bool = True, gather_batch: bool = False) -> None:
+                 reset_stats_every_epoch: bool = True, gather_batch: bool = False, prior: str = "fixed",
+                 exclude: float | None = None, online_batch: bool = False) -> None:
         super().__init__(margin, warmup_epochs, warmup_loss, gather_batch)
         check(memory_size >= 0, "loss.memory_size", "an integer >= 0", memory_size)
         check(tau > 0, "loss.tau", "a value > 0", tau)
@@ -75,11 +101,27 @@ class FNELoss(TripletLoss):
         check(cutdown is None or cutdown >= 0, "loss.cutdown", "null or a value >= 0", cutdown)
         check(weighting in ("reference", "complement"), "loss.weighting", "reference or complement", weighting)
         check(selection in ("sample", "hardest"), "loss.selection", "sample or hardest", selection)
+        check(prior in PRIORS, "loss.prior", " or ".join(PRIORS), prior)
+        check(exclude is None or 0.0 <= exclude < 1.0, "loss.exclude", "null or a value in [0, 1)", exclude)
+        check(isinstance(online_batch, bool), "loss.online_batch", "true or false", online_batch)
+        self.prior, self.exclude, self.online_batch = prior, exclude, online_batch
         self.tau, self.match_prior, self.false_margin, self.cutdown = tau, match_prior, false_margin, cutdown
         self.weighting, self.posterior, self.selection = weighting, posterior, selection
         self.reset_stats_every_epoch = reset_stats_every_epoch
         self.bank = MemoryBank(memory_size, embed_dim)
         self.stats = SimilarityStats(min_pos_samples)
+        # The match prior the posterior uses (float64 scalar, checkpointed): `match_prior`, or with
+        # prior=estimated its running EM estimate.
+        self.register_buffer("prior_estimate", torch.tensor(float(match_prior), dtype=torch.float64))
+        # prior=estimated: the mixture's (pos_mean, pos_var, neg_mean, neg_var); zeros: not yet fitted.
+        self.register_buffer("mixture", torch.zeros(4, dtype=torch.float64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # Checkpoints written before the estimated prior have no `prior_estimate`: theirs was
+        # `match_prior`, which the fresh buffer holds.
+        for name in ("prior_estimate", "mixture"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def on_train_epoch_start(self) -> None:
         if self.reset_stats_every_epoch:
@@ -92,9 +134,9 @@ class FNELoss(TripletLoss):
 
     def posterior_view(self) -> PosteriorView:
         """The Gaussians as host floats (one sync, for figures at the end of an epoch)."""
-        return PosteriorView(tuple(float(g) for g in self.stats.gaussians()), bool(self.stats.ready),
-                             int(self.stats.pos_count), self.stats.min_pos_samples, self.match_prior,
-                             self.cutdown, self.false_margin)
+        return PosteriorView(tuple(float(g) for g in self._gaussians()[:4]), bool(self.stats.ready),
+                             int(self.stats.pos_count), self.stats.min_pos_samples, float(self.prior_estimate),
+                             self.cutdown, self.false_margin if self.exclude is None else 1.0 - self.exclude)
 
     # ---------------------------------------------------------------- the step
     def forward(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor, text_ids: Tensor,
@@ -134,6 +176,13 @@ class FNELoss(TripletLoss):
              text_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         batch_mv, batch_mt, batch_img_ids, batch_txt_ids = batch_candidates(mv, mt, image_ids, text_ids,
                                                                             self.gather_batch)
+        if self.online_batch:  # the same rows, as online features with this rank's gradient
+            gather = gather_with_local_grad if self.gather_batch else (lambda x: x)
+            batch_mv, batch_mt = gather(v), gather(t)
+            positive_scores = (v * t).sum(-1)
+            i2t_pos = t2i_pos = positive_scores
+        else:
+            i2t_pos, t2i_pos = (v * mt).sum(-1), (t * mv).sum(-1)
         bank = self.bank
         cand_valid = torch.cat([torch.ones_like(batch_img_ids, dtype=torch.bool), bank.valid_mask()])  # (Bc + K,)
         cand_image_ids = torch.cat([batch_img_ids, bank.image_ids])  # (Bc + K,)
@@ -142,39 +191,78 @@ class FNELoss(TripletLoss):
             # The same for both directions: slots holding data, and never the anchor's own image
             # (its captions/image are positives, not negatives).
             valid = cand_valid[None, :] & (cand_image_ids[None, :] != image_ids[:, None])  # (B, Bc + K)
-            gaussians = self.stats.snapshot()
+            gaussians = self._gaussians()
+            prior = self.prior_estimate.float() if self.prior == "estimated" else self.match_prior
             truth_i2t = truth_t2i = None
             if self.positives.available:  # which candidates truly match their anchor: (B, Bc + K) each
                 truth_i2t = self.positives.contains(image_ids[:, None], cand_text_ids[None, :])
                 truth_t2i = self.positives.contains(cand_image_ids[None, :], text_ids[:, None])
-        i2t = self._direction(v, (v * mt).sum(-1), batch_mt, bank.text_features, valid, gaussians, truth_i2t)
-        t2i = self._direction(t, (t * mv).sum(-1), batch_mv, bank.image_features, valid, gaussians, truth_t2i)
+        i2t = self._direction(v, i2t_pos, batch_mt, bank.text_features, valid, gaussians, prior, truth_i2t)
+        t2i = self._direction(t, t2i_pos, batch_mv, bank.image_features, valid, gaussians, prior, truth_t2i)
         diagnostics = {k: (i2t.diagnostics[k] + t2i.diagnostics[k]) / 2 for k in i2t.diagnostics}
+        if self.prior == "estimated" and self.selection == "sample":
+            n_valid = 2.0 * torch.count_nonzero(valid).double()
+            self._mixture_step(torch.cat([n_valid[None], i2t.mixture_sums + t2i.mixture_sums]), gaussians.ready)
         return i2t.loss + t2i.loss, diagnostics
 
+    def _gaussians(self) -> Gaussians:
+        """The posterior's Gaussians: the published fit, or with prior=estimated (once fitted) the
+        mixture's components."""
+        g = self.stats.snapshot()
+        if self.prior != "estimated":
+            return g
+        fitted = self.mixture[3] > 0
+        mixture = torch.where(fitted, self.mixture.float(), torch.stack(list(g[:4])))
+        return g._replace(pos_mean=mixture[0], pos_var=mixture[1], neg_mean=mixture[2], neg_var=mixture[3])
+
+    @torch.no_grad()
+    def _mixture_step(self, sums: Tensor, ready: Tensor) -> None:
+        """One EM step of the candidates' mixture from this step's sums over all ranks: ``sums`` =
+        [count, sum r, sum r s, sum r s^2, sum (1-r), sum (1-r) s, sum (1-r) s^2] over the valid
+        candidates of both directions, r = p_fn (E-step). M-step: prior = mean r, each component's
+        mean and variance the r- or (1-r)-weighted moments. Only once the published Gaussians are
+        ready (they start the fit)."""
+        n, r, rs, rs2, w, ws, ws2 = all_reduce_sum(sums.double()).unbind()
+        prior = (r / n.clamp(min=1)).clamp(*PRIOR_BOUNDS)
+        pos_mean, neg_mean = rs / r.clamp(min=1e-12), ws / w.clamp(min=1e-12)
+        pos_var = (rs2 / r.clamp(min=1e-12) - pos_mean.square()).clamp(min=VAR_FLOOR)
+        neg_var = (ws2 / w.clamp(min=1e-12) - neg_mean.square()).clamp(min=VAR_FLOOR)
+        update = ready & (r > 0) & (w > 0)
+        self.prior_estimate.copy_(torch.where(update, prior, self.prior_estimate))
+        self.mixture.copy_(torch.where(update, torch.stack([pos_mean, pos_var, neg_mean, neg_var]), self.mixture))
+
     def _direction(self, anchors: Tensor, positive_scores: Tensor, batch_candidates: Tensor,
-                   bank_candidates: Tensor, valid: Tensor, gaussians: Gaussians, truth: Tensor | None) -> _Direction:
-        """One direction: anchors (B, D) vs momentum batch (Bc, D) + bank (K, D) candidates;
-        ``valid`` (B, Bc + K) marks the candidates that may be negatives, ``truth`` (same shape, when
-        the data declares its positives) those that truly match their anchor."""
+                   bank_candidates: Tensor, valid: Tensor, gaussians: Gaussians, prior: float | Tensor,
+                   truth: Tensor | None) -> _Direction:
+        """One direction: anchors (B, D) vs batch (Bc, D) + bank (K, D) candidates; ``valid``
+        (B, Bc + K) marks the candidates that may be negatives, ``truth`` (same shape, when the
+        data declares its positives) those that truly match their anchor."""
         with torch.no_grad():
             # Selection needs no gradient: score all candidates once without autograd, then
             # recompute only the B chosen scores with gradient (no backward through (B, Bc + K)).
             a = anchors.detach()
-            s = torch.cat([a @ batch_candidates.T, a @ bank_candidates.T], 1)  # (B, Bc + K)
+            s = torch.cat([a @ batch_candidates.detach().T, a @ bank_candidates.T], 1)  # (B, Bc + K)
             hard_idx, hard_has = hardest_negatives(s, valid)
+            mixture_sums = s.new_zeros(6, dtype=torch.float64)
             if self.selection == "hardest":
                 idx, has = hard_idx, hard_has
                 flagged = cut = p_fn = None
             else:
                 w = fne_weights(s, positive_scores.detach(), valid, gaussians, tau=self.tau,
-                                match_prior=self.match_prior, false_margin=self.false_margin,
-                                weighting=self.weighting, cutdown=self.cutdown, posterior=self.posterior)
-                idx, has = sample_negatives(w.weights, s, valid, generator=self.generator,
-                                            hardest=(hard_idx, hard_has))
+                                match_prior=prior, false_margin=self.false_margin,
+                                weighting=self.weighting, cutdown=self.cutdown, posterior=self.posterior,
+                                exclude=self.exclude, cutdown_mean=self.stats.pos_mean)
+                # With exclusion, an anchor left without a weighted candidate takes its hardest
+                # candidate that was not removed (the hardest of all is then a probable match).
+                fallback = ((hard_idx, hard_has) if self.exclude is None or not self.posterior
+                            else hardest_negatives(s, valid & ~w.flagged))
+                idx, has = sample_negatives(w.weights, s, valid, generator=self.generator, hardest=fallback)
                 flagged, cut, p_fn = w.flagged, w.cut, w.p_fn
-            negatives = candidate_rows(batch_candidates, bank_candidates, idx)  # (B, D)
-        negative_scores = (anchors * negatives).sum(-1)  # (B,), gradient to the anchors only
+                if self.prior == "estimated":
+                    mixture_sums = self._mixture_sums(s, p_fn, valid)
+        # Outside no_grad: with online_batch, an in-batch negative's row carries its gradient.
+        negatives = candidate_rows(batch_candidates, bank_candidates, idx)  # (B, D)
+        negative_scores = (anchors * negatives).sum(-1)  # (B,), gradient to the anchors (and online negatives)
         loss = triplet_hinge(negative_scores, positive_scores, self.margin, has)
         with torch.no_grad():
             # count_nonzero, not sum: summing a bool (B, N) mask first converts it to int64.
@@ -190,7 +278,19 @@ class FNELoss(TripletLoss):
             if truth is not None:
                 diagnostics.update(self._truth_diagnostics(s, valid, truth, idx, has, hard_idx, hard_has,
                                                            flagged, p_fn, n_valid))
-        return _Direction(loss, diagnostics)
+        return _Direction(loss, diagnostics, mixture_sums)
+
+    @staticmethod
+    def _mixture_sums(s: Tensor, p_fn: Tensor, valid: Tensor) -> Tensor:
+        """[sum r, sum r s, sum r s^2, sum (1-r), sum (1-r) s, sum (1-r) s^2] over the valid
+        entries (r = p_fn), (6,) float64."""
+        r = p_fn * valid  # (B, N)
+        w = valid.to(r.dtype).sub_(r)  # (1 - r) on valid entries, 0 elsewhere
+        sums = []
+        for x in (r, w):
+            xs = x * s
+            sums += [x.sum(dtype=torch.float64), xs.sum(dtype=torch.float64), (xs * s).sum(dtype=torch.float64)]
+        return torch.stack(sums)
 
     @staticmethod
     def _truth_diagnostics(s: Tensor, valid: Tensor, truth: Tensor, idx: Tensor, has: Tensor, hard_idx: Tensor,
@@ -217,5 +317,8 @@ class FNELoss(TripletLoss):
         return {
             "pos_mean": pos_mean, "pos_std": pos_var.clamp(min=0).sqrt(),
             "neg_mean": neg_mean, "neg_std": neg_var.clamp(min=0).sqrt(),
-            "ready": self.stats.ready.float(),
+            "ready": self.stats.ready.float(), "match_prior": self.prior_estimate.float(),
+            **({f"mixture_{k}": x.float() for k, x in zip(("pos_mean", "pos_var", "neg_mean", "neg_var"),
+                                                          self.mixture.unbind(), strict=True)}
+               if self.prior == "estimated" else {}),
         }

@@ -65,3 +65,12 @@ def any_rank(flag: Tensor) -> Tensor:
     value = flag.to(torch.int32).reshape(1)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value[0].bool()
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over all ranks (a new tensor, no gradient); a detached copy in one process."""
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
