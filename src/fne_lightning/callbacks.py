@@ -1,6 +1,9 @@
 """Lightning callbacks of a training run (``conf/callbacks/default.yaml``).
 
 * :class:`LastCheckpoint`: ``last.ckpt`` every N steps, at the end, and on SIGTERM / Ctrl-C.
+* :class:`Requeue`: SIGTERM, and inside a SLURM job SLURM's warning signal, write ``last.ckpt`` at the
+  next step boundary on every rank together and stop (the warning also requeues the job;
+  ``utils/resume.py`` says why Lightning's own requeue is not used).
 * :class:`RetrievalFigures`: at the end of validation epochs, the similarity histograms that FNE
   fits its Gaussians to (with the Gaussians, p_fn and the cut-down) and validation retrieval
   examples, as PNGs and, with a ``WandbLogger``, W&B images and tables. The samples come from
@@ -13,6 +16,8 @@ returns.
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +29,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from fne_lightning.errors import check
+from fne_lightning.errors import FNEError, check
 from fne_lightning.fne.stats import confident_samples
+from fne_lightning.utils.resume import LAST, slurm_job_id
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -53,8 +59,99 @@ class LastCheckpoint(ModelCheckpoint):
             self._last_global_step_saved = trainer.global_step
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and not trainer.sanity_checking:
+        if (isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and not trainer.sanity_checking
+                and self._last_global_step_saved != trainer.global_step):  # Requeue may have written it
             trainer.save_checkpoint(self.last_path)
+
+
+class Requeue(L.Callback):
+    """Signals that stop training at a step boundary, on every rank at the same step.
+
+    * SIGTERM (a preemption, ``kill``, ``scancel``): after the batch in flight, ``last.ckpt`` is
+      written and Lightning's :class:`SIGTERMException` stops the run (exit code 143).
+    * ``signals`` inside a SLURM job (SLURM's warning before a time limit or preemption): the
+      same, after ``scontrol requeue <job id>`` (rank zero); ``requeued`` then holds
+      ``(job id, whether scontrol succeeded)``.
+
+    The stop itself is Lightning's: the callback sets the trainer's SIGTERM flag, so Lightning
+    raises :class:`SIGTERMException` on every rank once the batch's metrics are logged.
+
+    The handlers only note the signal; ``on_train_batch_end`` acts on it, with one all-reduce that
+    makes every rank stop together (any rank's signal counts), so the checkpoint is a step
+    boundary and the collectives of saving line up. Lightning's own SIGTERM handler broadcasts
+    from inside the handler, which can meet another collective of the step on a rank that was
+    not signalled at the same moment (we saw two gloo ranks hang that way); it is replaced while
+    training runs and restored afterwards.
+
+    Args:
+        signals: requeue signal names, e.g. ``[SIGUSR1, SIGUSR2]`` (sbatch ``--signal=USR1@120``;
+            submitit uses USR2).
+        enabled: requeue ``auto`` (inside SLURM jobs), true or false. SIGTERM is always handled.
+    """
+
+    def __init__(self, signals: list[str] | None = None, enabled: bool | str = "auto") -> None:
+        names = list(signals or ["SIGUSR1", "SIGUSR2"])
+        for name in names:
+            if not isinstance(getattr(signal, str(name), None), signal.Signals) or name == "SIGTERM":
+                raise FNEError(f"requeue.signals: {name!r} is not a signal name other than SIGTERM "
+                               "(expected e.g. SIGUSR1)")
+        if enabled not in (True, False, "auto"):
+            raise FNEError(f"requeue.enabled={enabled!r}: expected auto, true or false")
+        self.signals = [getattr(signal, str(n)) for n in names]
+        self.enabled = enabled
+        self.terminate = self.requeue = False
+        self.requeued: tuple[str | None, bool] | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _requeue_active(self) -> bool:
+        return self.enabled is True or (self.enabled == "auto" and slurm_job_id() is not None)
+
+    def _note_term(self, signum: int, frame: Any) -> None:
+        self.terminate = True
+
+    def _note_requeue(self, signum: int, frame: Any) -> None:
+        self.requeue = True
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.terminate = self.requeue = False
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._note_term)
+        if self._requeue_active():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._note_requeue)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if not self._previous:
+            return
+        strategy = trainer.strategy
+        if not strategy.reduce_boolean_decision(self.terminate or self.requeue, all=False):
+            return
+        requeue = strategy.reduce_boolean_decision(self.requeue, all=False)
+        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        path = last.last_path if last is not None else Path(trainer.default_root_dir) / LAST
+        trainer.save_checkpoint(path)
+        if last is not None:
+            last._last_global_step_saved = trainer.global_step
+        if requeue:
+            job, ok = slurm_job_id(), False
+            if trainer.is_global_zero and job is not None:
+                try:
+                    ok = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True).returncode == 0
+                except FileNotFoundError:
+                    ok = False
+            self.requeued = (job, bool(strategy.broadcast(ok, src=0)))  # every rank exits alike
+        # Lightning raises SIGTERMException after this batch's logging, on every rank (all set it).
+        trainer._signal_connector.received_sigterm = True
 
 
 class SimilarityReservoir:

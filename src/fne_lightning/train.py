@@ -14,14 +14,16 @@ import netrc
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fne_lightning.errors import report_user_errors
+from fne_lightning.utils.resume import resume_args, run_name
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,11 @@ def hydra_choice(group: str, default: str = "none") -> str:
     return str(HydraConfig.get().runtime.choices.get(group) or default)
 
 
-# Used by conf/logger/wandb.yaml: ${wandb_offline:} and ${hydra_choice:experiment}.
+# Used by conf/logger/wandb.yaml: ${wandb_offline:} and ${hydra_choice:experiment}; by
+# conf/hydra/default.yaml: ${run_name:${task_name}} (a timestamp, or slurm-<job id> under SLURM).
 OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 OmegaConf.register_new_resolver("hydra_choice", hydra_choice, replace=True)
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 # The paper's recipe for each real dataset: what `data=<name>` without an experiment should use.
@@ -159,19 +163,20 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
     return module, datamodule
 
 
-def check_resume(cfg: DictConfig, module: Any) -> Path | None:
-    """The checkpoint to resume from, after checking it loads safely and fits the configured model."""
+def check_resume(cfg: DictConfig, module: Any, path: Path | None) -> dict[str, Any] | None:
+    """The checkpoint ``path`` to resume from, after checking it loads safely and fits the configured
+    model (None: a fresh run)."""
     from fne_lightning.utils.checkpoints import checkpoint_mismatch, load_checkpoint, state_mismatch
 
-    if not cfg.get("ckpt_path"):
+    if path is None:
         return None
-    path = Path(os.path.expanduser(str(cfg.ckpt_path))).absolute()
-    ckpt = load_checkpoint(path, bool(cfg.get("trust_checkpoint", False)))
+    key = "ckpt_path" if cfg.get("ckpt_path") else "resume"
+    ckpt = load_checkpoint(path, bool(cfg.get("trust_checkpoint", False)), key=key)
     problem = state_mismatch(module.state_dict(), ckpt["state_dict"])
     if problem:
         trained = (ckpt.get("hyper_parameters") or {}).get("model") or {}
-        raise checkpoint_mismatch(cfg.ckpt_path, trained, OmegaConf.to_container(cfg.model, resolve=True), problem)
-    return path
+        raise checkpoint_mismatch(path, trained, OmegaConf.to_container(cfg.model, resolve=True), problem)
+    return ckpt
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -191,15 +196,20 @@ def train(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[str, floa
     import lightning as L
 
     from fne_lightning.utils.logs import configure_logging
+    from fne_lightning.utils.resume import plan_resume
 
     check_recipe()
     check_launch(cfg)
     configure_logging(verbose_run(cfg))
+    resume, why = plan_resume(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule = build(cfg)
-    loggers = instantiate_all(cfg.get("logger"))
+    ckpt = check_resume(cfg, module, resume)
+    if why:
+        log.info(why)
+    loggers = _loggers(cfg, resume, ckpt)
     try:
-        return _fit_and_test(cfg, module, datamodule, loggers, list(callbacks or []))
+        return _fit_and_test(cfg, module, datamodule, loggers, list(callbacks or []), resume)
     finally:
         # A W&B run stays open until finished: the next job of an in-process sweep would reuse it.
         if any(isinstance(lg, L.pytorch.loggers.WandbLogger) for lg in loggers):
@@ -208,31 +218,78 @@ def train(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[str, floa
             wandb.finish()
 
 
-def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[Any],
-                  extra_callbacks: list[Any]) -> dict[str, float]:
+def _loggers(cfg: DictConfig, resume: Path | None, ckpt: dict[str, Any] | None) -> list[Any]:
+    """The configured loggers; a run resumed in its own directory continues its W&B run (same id)
+    and its CSV file (the rows logged before the checkpoint's step are kept)."""
     import lightning as L
 
+    from fne_lightning.utils.resume import read_csv_rows, restore_csv_rows, same_run, wandb_run_id
+
+    group = cfg.get("logger")
+    if not same_run(cfg, resume):
+        return instantiate_all(group)
+    # Continuing in the run's own directory is the point: Lightning's warnings that its checkpoint
+    # and log directories are not empty (and that the CSV file will be replaced) do not apply.
+    for message in ("Checkpoint directory .* exists and is not empty", "Experiment logs directory .* exists"):
+        warnings.filterwarnings("ignore", message=message)
+    if not group:
+        return []
+    run_dir = Path(cfg.paths.output_dir)
+    group = group.copy()
+    wandb_id = wandb_run_id(run_dir)
+    for entry in group.values():
+        if isinstance(entry, DictConfig) and str(entry.get("_target_", "")).endswith("WandbLogger") and wandb_id:
+            with open_dict(entry):
+                entry.id, entry.resume = wandb_id, "allow"
+    loggers = instantiate_all(group)
+    step = int(ckpt["global_step"]) if ckpt else 0
+    for lg in loggers:
+        if isinstance(lg, L.pytorch.loggers.CSVLogger):
+            header, rows = read_csv_rows(Path(lg.log_dir) / "metrics.csv", before_step=step)
+            restore_csv_rows(lg, header, rows)
+    return loggers
+
+
+def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[Any],
+                  extra_callbacks: list[Any], resume: Path | None) -> dict[str, float]:
+    import lightning as L
+
+    from fne_lightning.callbacks import Requeue
     from fne_lightning.utils.report import print_summary, write_json
+    from fne_lightning.utils.resume import slurm_plugins
 
     callbacks = instantiate_all(cfg.get("callbacks")) + extra_callbacks
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": slurm_plugins()}
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 **plugins)
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    resume = check_resume(cfg, module)
+    out_dir = Path(cfg.paths.output_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume,
                     weights_only=not bool(cfg.get("trust_checkpoint", False)))
     except SIGTERMException:
-        # Lightning stops after the batch in flight; LastCheckpoint has written last.ckpt.
+        # The batch in flight finished and last.ckpt is written (callbacks Requeue / LastCheckpoint).
+        requeue = next((c for c in callbacks if isinstance(c, Requeue)), None)
+        requeued = requeue.requeued if requeue is not None else None
+        step = trainer.global_step
         if trainer.is_global_zero:
-            last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-            print(f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={last}", flush=True)
-        raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a terminated job
+            if requeued is None:
+                print(f"stopped by SIGTERM at step {step}; continue with python -m fne_lightning.train "
+                      f"resume={out_dir}", flush=True)
+            elif requeued[1]:
+                print(f"requeued SLURM job {requeued[0]} at step {step}: it resumes from "
+                      f"{out_dir / 'checkpoints' / 'last.ckpt'} when it restarts", flush=True)
+            else:
+                print(f"stopped at step {step} to requeue SLURM job {requeued[0]}, but scontrol requeue failed; "
+                      f"continue with python -m fne_lightning.train resume={out_dir}", flush=True)
+        # 143 = 128 + SIGTERM, as a shell reports a terminated job; 0 once requeued; 3 if requeue failed.
+        raise SystemExit(143 if requeued is None else 0 if requeued[1] else 3) from None
     metrics: dict[str, float] = {}
     # Last epoch's averages of the training diagnostics (logged per step as fne/<name>).
     for key, value in trainer.callback_metrics.items():
@@ -248,7 +305,6 @@ def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[A
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
 
     if trainer.is_global_zero:
-        out_dir = Path(cfg.paths.output_dir)
         metrics_file = out_dir / "metrics.json"
         write_json(metrics_file, metrics)
         files = {"run directory": out_dir, "best checkpoint": best_path or None, "metrics": metrics_file,
@@ -283,7 +339,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> float | None:
     """Console entry point: ``python -m fne_lightning.train`` / ``fne-train``."""
     # In place: Lightning's DDP launcher re-runs sys.argv for the other ranks.
-    sys.argv[1:] = normalize_experiment_args(sys.argv[1:])
+    with report_user_errors():
+        sys.argv[1:] = resume_args(normalize_experiment_args(sys.argv[1:]))
     return hydra_main()
 
 
