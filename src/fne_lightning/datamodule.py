@@ -6,17 +6,22 @@ is encoded once and any number of captions per image works; the LightningModule 
 them with ``text_to_image`` and the split's positives.
 
 ``CaptionDataModule`` reads Flickr30K, MS-COCO or any Karpathy/ALBEF-format dataset;
-``SyntheticDataModule`` first renders the built-in synthetic benchmark into a cache.
+``SyntheticDataModule`` first renders the built-in synthetic benchmark into a cache;
+``ShardDataModule`` streams training pairs from WebDataset shards (``data/shards.py``) and takes
+validation and test from one of the others.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 
 from fne_lightning.data.captions import clean_caption
@@ -32,10 +37,13 @@ from fne_lightning.data.datasets import (
     load_karpathy,
 )
 from fne_lightning.data.order import ResumableLoader, ResumableSampler
+from fne_lightning.data.shards import ShardLoader, ShardStream, StreamError, expand_shards, local_path
 from fne_lightning.data.synthetic import build_synthetic
 from fne_lightning.data.transforms import build_transform, is_random
 from fne_lightning.errors import FNEError, check
 from fne_lightning.models.encoders import ImageConfig
+
+log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
 
@@ -282,3 +290,168 @@ class SyntheticDataModule(CaptionDataModule):
             self.annotations = str(self._build())
             self.image_root = str(Path(self.annotations).parent)
         return super().load_split(stage)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training pairs streamed from WebDataset shards; validation and test from ``eval``.
+
+    Args:
+        train_shards: shard paths or URLs: a brace pattern, ``::``-joined patterns, or a list.
+        train_num_samples: samples per epoch (all ranks together): every rank trains
+            ``train_num_samples // (batch_size * world)`` full batches each epoch.
+        eval: the data module (any other data config) whose val/test splits are evaluated, exactly
+            as when training on it; its training split is never read.
+        resampled: draw shards with replacement (each epoch a fresh sample of the shards).
+        shuffle_buffer: samples shuffled in each reader's buffer (0: shard order).
+        image_id: ``field`` of ``<key>.json`` holding the image id, and ``key_separator`` (image id =
+            the key up to its last separator) when the json lacks it; neither: the key.
+        on_bad_image: ``error`` stops at the first bad shard or sample, named; ``skip`` logs and skips it.
+        augment, caption, num_workers, pin_memory, shuffle_seed, image_config, tokenizer: as for
+            :class:`CaptionDataModule`.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str] | None,
+        train_num_samples: int | None,
+        eval: CaptionDataModule,
+        batch_size: int = 128,
+        num_workers: int | str = "auto",
+        pin_memory: bool | str = "auto",
+        resampled: bool = False,
+        shuffle_buffer: int = 5000,
+        image_id: Mapping[str, Any] | None = None,
+        on_bad_image: str = "error",
+        augment: Mapping[str, Any] | None = None,
+        caption: Mapping[str, Any] | None = None,
+        shuffle_seed: int = 0,
+        image_config: ImageConfig | Mapping[str, Any] | None = None,
+        tokenizer: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        check(isinstance(train_shards, (str, Sequence)) and bool(train_shards), "data.train_shards",
+              "shard paths or URLs (e.g. '/data/cc3m/{00000..00331}.tar', patterns joined with ::)", train_shards)
+        check(isinstance(train_num_samples, int) and not isinstance(train_num_samples, bool)
+              and train_num_samples > 0, "data.train_num_samples", "the number of training samples per epoch",
+              train_num_samples)
+        check(isinstance(eval, CaptionDataModule), "data.eval", "a data config with val and test splits "
+              "(synthetic, karpathy, f30k, coco, albef)", type(eval).__name__)
+        check(isinstance(batch_size, int) and batch_size > 0, "data.batch_size", "a positive integer", batch_size)
+        check(isinstance(shuffle_buffer, int) and shuffle_buffer >= 0, "data.shuffle_buffer", "an integer >= 0",
+              shuffle_buffer)
+        check(isinstance(resampled, bool), "data.resampled", "true or false", resampled)
+        check(on_bad_image in ("error", "skip"), "data.on_bad_image", "error or skip", on_bad_image)
+        image_id = dict(image_id or {})
+        unknown = set(image_id) - {"field", "key_separator"}
+        check(not unknown, "data.image_id", "the keys field and key_separator", sorted(unknown))
+        self.train_shards, self.train_num_samples, self.eval = train_shards, train_num_samples, eval
+        self.batch_size, self.resampled, self.shuffle_buffer = batch_size, resampled, shuffle_buffer
+        self.num_workers, self.pin_memory = resolve_loader_settings(num_workers, pin_memory)
+        self.image_id_field, self.key_separator = image_id.get("field", "image_id"), image_id.get("key_separator")
+        self.on_bad_image = on_bad_image
+        self.augment = dict(augment or {})
+        self.clean = partial(clean_caption, **dict(caption or {}))
+        self.shuffle_seed = shuffle_seed
+        self.image_config = ImageConfig(**image_config) if isinstance(image_config, Mapping) else image_config
+        self.tokenizer = tokenizer
+        self._urls: list[str] | None = None
+
+    # Evaluation is the eval module's: evaluate.py and the module read these of any data module.
+    test_folds = property(lambda self: self.eval.test_folds)
+    root = property(lambda self: self.eval.root)
+    annotations = property(lambda self: self.eval.annotations)
+    image_root = property(lambda self: self.eval.image_root)
+
+    def use_encoder(self, image_config: ImageConfig, tokenizer: Callable) -> None:
+        self.image_config, self.tokenizer = image_config, tokenizer
+        self.eval.use_encoder(image_config, tokenizer)
+
+    def shards(self) -> list[str]:
+        """The expanded shard list; local shards are checked to exist (``skip``: dropped, logged)."""
+        if self._urls is None:
+            urls = expand_shards(self.train_shards)
+            if not urls:
+                raise FNEError(f"data.train_shards={self.train_shards!r}: expands to no shard")
+            missing = [u for u in urls if (path := local_path(u)) is not None and not Path(path).is_file()]
+            if missing and self.on_bad_image == "error":
+                raise FNEError(f"data.train_shards: shard {missing[0]!r} not found ({len(missing)} of {len(urls)} "
+                               "shards missing; data.on_bad_image=skip trains without them)")
+            for url in missing:
+                log.warning("skipping missing shard %s (data.on_bad_image=skip)", url)
+            urls = [u for u in urls if u not in set(missing)]
+            if not urls:
+                raise FNEError(f"data.train_shards={self.train_shards!r}: none of the shards exists")
+            self._urls = urls
+        return self._urls
+
+    def load_all(self) -> None:
+        """Check the shard list and the evaluation splits now, before a model is built."""
+        self.shards()
+        for stage in ("val", "test"):
+            self.eval.load_split(stage)
+
+    def load_split(self, stage: str) -> CaptionSplit:
+        """val/test: the eval module's split. train: an empty split (the stream is never held in
+        memory), so the loss gets no declared positives and the false-negative diagnostics are off."""
+        if stage == "train":
+            return CaptionSplit("train", [], [], np.zeros(0, np.int64))
+        return self.eval.load_split(stage)
+
+    def prepare_data(self) -> None:
+        self.eval.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.image_config is None or self.tokenizer is None:
+            raise RuntimeError("ShardDataModule needs image_config and tokenizer from the encoder")
+        wanted = {"fit": ("val",), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for name in wanted.get(stage, ("val", "test")) if stage else ("val", "test"):
+            self.eval.load_split(name)
+
+    def train_dataloader(self) -> ShardLoader:
+        urls = self.shards()
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        num_batches = self.train_num_samples // (self.batch_size * world)
+        if num_batches == 0:
+            raise FNEError(f"data.train_num_samples={self.train_num_samples}: less than one global batch "
+                           f"({self.batch_size} x {world} processes; training uses full batches only)")
+        readers = world * max(self.num_workers, 1)
+        if not self.resampled and len(urls) < readers:
+            raise FNEError(f"data.train_shards: {len(urls)} shards for {readers} readers ({world} processes x "
+                           f"{max(self.num_workers, 1)} workers); expected at least one shard per reader (more "
+                           "shards, a smaller data.num_workers, or data.resampled=true)")
+        stream = ShardStream(
+            urls, self.batch_size, num_batches, build_transform(self.image_config, train=True, **self.augment),
+            self.tokenizer, self.clean, image_id_field=self.image_id_field, key_separator=self.key_separator,
+            seed=self.shuffle_seed, resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
+            on_bad_image=self.on_bad_image, rank=rank, world=world)
+        # Lightning warns that an IterableDataset's length may be wrong with workers; this one's is
+        # exact (each worker yields its share of the epoch's batches).
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        return ShardLoader(stream, progress=self._train_progress if trainer is not None else None,
+                           raise_errors=trainer is None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                           persistent_workers=self.num_workers > 0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Bad input that one rank met stops every rank, each with one line: no rank is left waiting
+        in a collective of the step (one all-reduce of a flag per training step under DDP)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return batch
+        failed = isinstance(batch, StreamError)
+        anywhere = trainer.strategy.reduce_boolean_decision(failed, all=False) if trainer.world_size > 1 else failed
+        if failed:
+            raise FNEError(batch.message)
+        if anywhere:
+            raise FNEError("data.train_shards: another rank stopped on bad input (its error line names the shard)")
+        return batch
+
+    def _train_progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.eval.val_dataloader()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.eval.test_dataloader()

@@ -1,0 +1,458 @@
+"""Training pairs streamed from WebDataset shards (web-scale data: CC3M, CC12M, LAION subsets).
+
+A shard is a tar file of samples in img2dataset's layout: ``<key>.jpg|jpeg|png|webp`` with
+``<key>.txt`` (the caption) and optionally ``<key>.json``. Shards are local paths or any URL
+webdataset opens (``pipe:``, ``http(s)://``, fsspec), written as brace patterns and ``::``-joined
+lists as in open_clip (``/data/cc3m/{00000..00331}.tar``).
+
+The stream serves what :class:`~fne_lightning.data.datasets.PairDataset` serves, batched:
+(images (B, 3, H, W), tokens (B, L), image ids (B,), text ids (B,)). FNE masks captions of the
+same image by their image id: the ``<key>.json`` field ``image_id_field`` when the sample has it,
+else the key up to its last ``key_separator``, else the key itself (one caption per image, CC3M);
+integers are kept, other values hashed (:func:`stable_id`). Text ids are the hashed keys.
+
+Order and length (open_clip's ``get_wds_dataset``): every DataLoader worker of every rank is one
+*reader*. Without resampling, epoch e shuffles the shard list from (seed, e), identically on every
+rank, and reader (rank, worker) takes ``shards[rank::world][worker::workers]``, as
+``wds.split_by_node`` and ``wds.split_by_worker`` would, with the rank taken from the trainer
+rather than guessed from the environment inside a worker process; a reader that runs out of
+shards before the epoch ends starts its own shards again. With ``resampled`` each reader draws
+shards with replacement, seeded from (seed, e, rank, worker). Samples pass a shuffle buffer seeded
+the same way. An epoch is ``train_num_samples // (batch_size * world)`` full batches on every rank
+(equal counts: FNE's gathers need equal shapes), spread over the workers; the stream is cut there
+as ``with_epoch`` does.
+
+Bad input (a missing or corrupt shard, a sample without caption or image, an image that does not
+decode) goes through webdataset's ``handler=`` hooks: :class:`BadInputHandler` raises one
+:class:`~fne_lightning.errors.FNEError` naming the shard and key (``on_bad_image=error``) or logs it
+and skips it with a running count (``skip``). Errors inside a worker come back to the main process
+as one line (:class:`StreamError`), not a worker traceback; under DDP the data module stops every
+rank on it together.
+
+Resuming inside an epoch is exact: the stream of (seed, epoch, rank, worker) is replayed and the
+batches already trained are dropped before decoding (:class:`ShardLoader`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+import random
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from fne_lightning.errors import FNEError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+LAYOUT = "<key>.jpg|jpeg|png|webp with <key>.txt"
+SHUFFLE_INITIAL = 1000  # samples in the shuffle buffer before the first leaves it (open_clip's)
+
+
+# ------------------------------------------------------------------ shard lists
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard URLs of ``spec``: a string (``::``-joined, brace patterns, ``${WDS_*}`` variables, as
+    ``wds.shardlists.expand_urls``) or a list of such strings."""
+    items = [spec] if isinstance(spec, str) else [str(item) for item in spec]
+    return [u for item in items for u in wds.shardlists.expand_urls(item) if u]
+
+
+def local_path(url: str) -> str | None:
+    """The file path of a local shard (a plain path or ``file://``), None for a URL or ``pipe:``."""
+    parsed = urlparse(url)
+    return url if parsed.scheme == "" else parsed.path if parsed.scheme == "file" else None
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, equal in every process (``hash()`` of strings is not)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def stable_id(value: Any) -> int:
+    """An int64 id: integers as they are, anything else by a stable 63-bit hash of its text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def own_shards(urls: Sequence[str], seed: int, epoch: int, rank: int, world: int, worker: int,
+               workers: int) -> list[str]:
+    """The shards of reader (rank, worker) in ``epoch`` without resampling: the list shuffled from
+    (seed, epoch), the same on every rank, then split by rank and by worker (disjoint slices)."""
+    order = list(urls)
+    random.Random(mix_seed(seed, epoch)).shuffle(order)
+    return order[rank::world][worker::workers]
+
+
+def shard_passes(urls: Sequence[str], seed: int, epoch: int, rank: int, world: int, worker: int, workers: int,
+                 resampled: bool) -> Iterator[Iterable[str]]:
+    """The passes over its shards of one reader (rank, worker) in ``epoch``: without resampling its
+    own shards, again (in a new order) whenever they run out before the epoch does; with
+    resampling one endless pass of shards drawn with replacement."""
+    if resampled:
+        rng = random.Random(mix_seed(seed, epoch, rank, worker))
+        yield (urls[rng.randrange(len(urls))] for _ in itertools.count())
+        return
+    own = own_shards(urls, seed, epoch, rank, world, worker, workers)
+    if not own:  # train_dataloader refuses this; an empty reader would end its rank's epoch early
+        raise FNEError(f"data.train_shards: {len(urls)} shards for {world * workers} readers ({world} processes x "
+                       f"{workers} workers); expected at least one shard per reader")
+    for cycle in itertools.count():
+        if cycle:
+            random.Random(mix_seed(seed, epoch, rank, worker, cycle)).shuffle(own)
+        yield list(own)
+
+
+def share(total: int, worker: int, workers: int) -> int:
+    """How many of ``total`` round-robin batches fall to ``worker``: the DataLoader takes one batch
+    from each worker in turn, so batch k comes from worker ``k % workers``."""
+    return total // workers + (worker < total % workers)
+
+
+# ------------------------------------------------------------------ bad input
+class BadSample(Exception):
+    """A shard or sample that is not usable; the message names it and what was expected."""
+
+
+class BadInputHandler:
+    """webdataset ``handler=`` hook: raise one :class:`FNEError` (``error``) or log and skip (``skip``).
+
+    ``where()`` names the shard being read, for exceptions that webdataset raises without it, and
+    ``exit_status()`` the exit status of its ``pipe:`` command, if that failed. ``skipped`` is a
+    counter shared by the workers of one rank (a running count in the log).
+    """
+
+    def __init__(self, on_bad_image: str, where: Callable[[], str], skipped: Any,
+                 exit_status: Callable[[], int | None] = lambda: None) -> None:
+        self.on_bad_image, self.where, self.skipped, self.exit_status = on_bad_image, where, skipped, exit_status
+
+    def describe(self, exn: Exception) -> str:
+        if isinstance(exn, BadSample):
+            return str(exn)
+        first = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
+        # A failed pipe: command gives an empty stream (tarfile: "empty file") or webdataset's
+        # "exit N" error, whichever comes first; the exit status is the useful part.
+        status = self.exit_status()
+        if status:
+            return f"{self.where()}: the pipe command exited with status {status} (shard missing or unreadable)"
+        if isinstance(exn, FileNotFoundError):
+            return f"{self.where()}: shard not found ({exn.strerror or first})"
+        if isinstance(exn, (tarfile.TarError, EOFError)) or "end of data" in first:
+            return f"{self.where()}: corrupt or truncated tar ({first}); expected a tar of {LAYOUT}"
+        if isinstance(exn, ValueError) and "duplicate file name" in first:
+            return f"{self.where()}: {first.split(':')[0]}: two members with one key and extension; expected {LAYOUT}"
+        return f"{self.where()}: unreadable shard ({type(exn).__name__}: {first})"
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, FNEError):
+            # Raised by this handler in an inner stage: the outer stages' except clauses append the
+            # shard's stream and URL to its args before handing it on; keep the one line.
+            exn.args = exn.args[:1]
+            raise exn
+        message = self.describe(exn)
+        if self.on_bad_image == "error":
+            raise FNEError(f"{message} (data.on_bad_image=skip skips bad samples and shards)")
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+            count = self.skipped.value
+        log.warning("skipped %s (%d skipped so far, data.on_bad_image=skip)", message, count)
+        return True  # continue with the next sample or shard
+
+
+class StreamError:
+    """An :class:`FNEError` raised in a worker, carried to the main process as a batch (a plain
+    object: Lightning passes it through its batch handling untouched)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return StreamError, (self.message,)
+
+
+class _TailCheck:
+    """A shard's byte stream that can tell, once tarfile is done with it, whether the tar was whole.
+
+    Python's tarfile ends an archive silently at a corrupt header after the first member, and at a
+    header cut short: a whole tar ends in zero blocks with nothing after them. Non-zero bytes after
+    the point tarfile stopped mean a corrupt member (undetected only within tarfile's 10 KB
+    read-ahead); a stream whose last 1 KB is not zeros was truncated.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.last = stream, b""
+
+    def read(self, *args: Any) -> bytes:
+        chunk = self.stream.read(*args)
+        self.last = chunk[-1024:] if len(chunk) >= 1024 else (self.last + chunk)[-1024:]
+        return chunk
+
+    def problem(self) -> str | None:
+        """Why the tar was not whole (read the rest first), or None."""
+        while chunk := self.read(1 << 20):
+            if chunk.strip(b"\0"):
+                return "corrupt tar member (a bad header ended the archive early, data follows it)"
+        if self.last.strip(b"\0") or len(self.last) < 1024:
+            return "truncated tar (it lacks the end-of-archive blocks)"
+        return None
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+# ------------------------------------------------------------------ the stream
+class ShardStream(IterableDataset):
+    """One rank's training batches from shards: ``num_batches`` per epoch (see the module docstring).
+
+    Args:
+        urls: the expanded shard list (:func:`expand_shards`).
+        batch_size, num_batches: the batch size and the batches of one epoch on this rank.
+        rank, world: this process's rank and the number of processes (from the trainer).
+        transform: PIL image -> (3, H, W) tensor; tokenize: ``[caption] -> (1, L)``; clean: caption cleaning.
+        image_id_field, key_separator: where image ids come from (module docstring).
+        seed: the run's seed; with the epoch, rank and worker it fixes shard order and shuffle buffer.
+        resampled: draw shards with replacement (open_clip's ``--dataset-resampled``).
+        shuffle_buffer: samples in the shuffle buffer (0: the order of the shards).
+        on_bad_image: ``error`` or ``skip`` (:class:`BadInputHandler`).
+    """
+
+    def __init__(self, urls: Sequence[str], batch_size: int, num_batches: int, transform: Callable,
+                 tokenize: Callable, clean: Callable[[str], str] = str, image_id_field: str | None = "image_id",
+                 key_separator: str | None = None, seed: int = 0, resampled: bool = False, shuffle_buffer: int = 5000,
+                 on_bad_image: str = "error", rank: int = 0, world: int = 1) -> None:
+        super().__init__()
+        self.urls, self.batch_size, self.num_batches = list(urls), batch_size, num_batches
+        self.transform, self.tokenize, self.clean = transform, tokenize, clean
+        self.image_id_field, self.key_separator = image_id_field, key_separator
+        self.seed, self.resampled, self.shuffle_buffer = seed, resampled, shuffle_buffer
+        self.on_bad_image, self.rank, self.world = on_bad_image, rank, world
+        # Set by the loader before each epoch and read by (persistent) workers when it starts.
+        self.epoch = multiprocessing.Value("q", 0, lock=False)
+        self.skip = multiprocessing.Value("q", 0, lock=False)  # batches of this epoch already trained
+        self.skipped = multiprocessing.Value("q", 0)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch.value, self.skip.value = epoch, skip_batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor] | StreamError]:
+        try:
+            yield from self._batches()
+        except FNEError as err:
+            yield StreamError(str(err))
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        info = get_worker_info()
+        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, trained = int(self.epoch.value), int(self.skip.value)
+        # The DataLoader asks its workers in turn from worker 0; batch k of the epoch is worker
+        # k % workers's. Resuming after `trained` batches, loader worker 0 must go on with the stream of
+        # the worker whose turn is next, and so on round the table.
+        worker = (loader_worker + trained) % workers
+        count = share(self.num_batches, worker, workers)
+        skip = share(trained, worker, workers)
+        reader = _Reader(set(self.urls) if self.resampled else set())
+        handler = BadInputHandler(self.on_bad_image, reader.where, self.skipped, reader.exit_status)
+        samples = self._samples(reader, handler, epoch, worker, workers)
+        # Resuming inside the epoch: drop the samples of the batches already trained before decoding.
+        samples = itertools.islice(samples, skip * self.batch_size, None)
+        samples = wds.map(self._decode, handler=handler)(samples)
+        # Exactly the epoch's batches, full ones (the stream is endless). Not wds.batched: it reads a
+        # sample past each batch, which at the epoch's end would start the next pass (and its buffer).
+        for _ in range(count - skip):
+            yield collate(list(itertools.islice(samples, self.batch_size)))
+
+    def _samples(self, reader: _Reader, handler: BadInputHandler, epoch: int, worker: int,
+                 workers: int) -> Iterator[dict[str, Any]]:
+        """This reader's endless stream of checked (undecoded) samples, shuffled pass by pass: a pass
+        yields each of its samples once, the buffer never mixes in the next pass."""
+        passes = shard_passes(self.urls, self.seed, epoch, self.rank, self.world, worker, workers, self.resampled)
+        for cycle, shards in enumerate(passes):
+            samples = wds.map(self._pair, handler=handler)(reader.samples(shards, handler))
+            if self.shuffle_buffer > 1:
+                rng = random.Random(mix_seed(self.seed, epoch, self.rank, worker, cycle))
+                initial = min(self.shuffle_buffer, SHUFFLE_INITIAL)
+                samples = wds.shuffle(self.shuffle_buffer, initial=initial, rng=rng)(samples)
+            count = 0
+            for sample in samples:
+                count += 1
+                yield sample
+            if not count:  # a whole pass without a usable sample: never loop on it
+                raise FNEError(f"data.train_shards: no usable sample in any of this reader's {len(shards)} shards "
+                               f"(the last {reader.url!r}); expected tars of {LAYOUT}")
+
+    # ---------------------------------------------------------------- sample stages
+    def _pair(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Check the layout: one image, one caption; read the json and the image id (no decoding yet)."""
+        key, url = sample["__key__"], sample.get("__url__", "?")
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None or "txt" not in sample:
+            has = "a caption but no image" if ext is None and "txt" in sample else (
+                "an image but no caption (.txt)" if ext is not None else "neither image nor caption")
+            found = sorted(k for k in sample if not k.startswith("__"))
+            raise BadSample(f"{url}: sample {key!r} has {has} (members {found}); expected {LAYOUT}")
+        meta: Any = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise BadSample(f"{url}: sample {key!r}: <key>.json is not valid JSON ({err})") from None
+        image_id: Any = meta.get(self.image_id_field) if isinstance(meta, dict) and self.image_id_field else None
+        if image_id is None:
+            image_id = key.rsplit(self.key_separator, 1)[0] if self.key_separator else key
+        return {"key": key, "url": url, "image": sample[ext], "txt": sample["txt"],
+                "image_id": stable_id(image_id), "text_id": stable_id(key)}
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[Tensor, Tensor, int, int]:
+        key, url = sample["key"], sample["url"]
+        try:
+            with Image.open(io.BytesIO(sample["image"])) as img:
+                image = img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's decode errors, truncation included
+            raise BadSample(f"{url}: sample {key!r}: image does not decode ({err})") from None
+        try:
+            caption = self.clean(sample["txt"].decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise BadSample(f"{url}: sample {key!r}: caption is not UTF-8 ({err})") from None
+        if not caption:
+            raise BadSample(f"{url}: sample {key!r}: caption {sample['txt'][:80]!r} is empty after preprocessing")
+        return self.transform(image), self.tokenize([caption])[0], sample["image_id"], sample["text_id"]
+
+
+class _Reader:
+    """Raw samples from a reader's shards (webdataset's tar iterators), checking that no shard ends
+    early and, for an endless resampled pass, that the shards keep giving samples."""
+
+    def __init__(self, pool: set[str]) -> None:
+        self.pool = pool  # the shards an endless pass draws from (empty: passes are finite)
+        self.url, self.tail, self.pipe = "", None, None
+        self.seen = 0  # samples of the current shard
+        self.barren: set[str] = set()  # shards read since the last one that gave a sample
+
+    def where(self) -> str:
+        return self.url
+
+    def exit_status(self) -> int | None:
+        """The exit status of the current shard's ``pipe:`` command once it ended (waits up to 2 s)."""
+        proc = getattr(self.pipe, "proc", None)
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:  # still streaming: the problem is elsewhere
+            return None
+
+    def _urls(self, shards: Iterable[str]) -> Iterator[dict[str, str]]:
+        for url in shards:
+            if self.url and self.pool:
+                self.barren = set() if self.seen else self.barren | {self.url}
+                if self.barren >= self.pool:  # every shard drawn, none gave a sample: never hang
+                    raise FNEError(f"data.train_shards: no usable sample in any of the {len(self.pool)} shards "
+                                   f"(the last {self.url!r}); expected tars of {LAYOUT}")
+            self.url, self.seen = url, 0
+            yield {"url": url}
+
+    def _opened(self, sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for source in sources:
+            self.pipe = source["stream"]
+            if urlparse(source["url"]).path.endswith(".tar"):  # compressed tars are not checked
+                source["stream"] = self.tail = _TailCheck(source["stream"])
+            else:
+                self.tail = None
+            yield source
+
+    def _files(self, files: Iterable[dict[str, Any]], handler: BadInputHandler) -> Iterator[dict[str, Any]]:
+        for item in files:
+            if item == {} and self.tail is not None and (problem := self.tail.problem()):  # end of one shard
+                handler(BadSample(f"{self.url}: {problem}; expected a tar of {LAYOUT}"))
+            yield item
+
+    def samples(self, shards: Iterable[str], handler: BadInputHandler) -> Iterator[dict[str, Any]]:
+        opened = self._opened(url_opener(self._urls(shards), handler=handler))
+        files = self._files(tar_file_expander(opened, handler=handler), handler)
+        for sample in group_by_keys(files, handler=handler):
+            self.seen += 1
+            yield sample
+
+
+def collate(samples: list[tuple[Tensor, Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(images (B, 3, H, W), tokens (B, L), image ids (B,) int64, text ids (B,) int64)."""
+    images, tokens, image_ids, text_ids = zip(*samples, strict=True)
+    return (torch.stack(images), torch.stack(tokens), torch.tensor(image_ids, dtype=torch.long),
+            torch.tensor(text_ids, dtype=torch.long))
+
+
+class ShardLoader(DataLoader):
+    """The DataLoader of a :class:`ShardStream`: tells it the epoch, resumes inside one, and turns a
+    worker's :class:`StreamError` into one :class:`FNEError` line.
+
+    ``progress()`` returns ``(epoch, batches trained in it)`` from the training loop, as for
+    :class:`~fne_lightning.data.order.ResumableLoader`; without it (benchmarks), each iteration is the
+    next epoch. ``raise_errors=False`` hands a :class:`StreamError` on as a batch instead, for the
+    data module to stop every rank together.
+    """
+
+    def __init__(self, stream: ShardStream, progress: Callable[[], tuple[int, int]] | None = None,
+                 raise_errors: bool = True, **kwargs: Any) -> None:
+        super().__init__(stream, batch_size=None, **kwargs)
+        self.progress, self.raise_errors = progress, raise_errors
+        self._epochs = 0
+        self._resume: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples and shards skipped so far (``on_bad_image=skip``)."""
+        return int(self.dataset.skipped.value)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        epoch = self.progress()[0] if self.progress is not None else self._epochs
+        self._epochs = epoch + 1
+        skip = 0
+        if self._resume is not None:
+            if self._resume[0] == epoch:
+                skip = self._resume[1]
+            self._resume = None
+        self.dataset.start_epoch(epoch, skip)  # before the workers (re)start iterating
+        batches = super().__iter__()
+        return self._checked(batches) if self.raise_errors else batches
+
+    @staticmethod
+    def _checked(batches: Iterator) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        for batch in batches:
+            if isinstance(batch, StreamError):
+                raise FNEError(batch.message)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress() if self.progress is not None else (self._epochs - 1, 0)
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        self._resume = (epoch, batches)
