@@ -179,8 +179,7 @@ class FNELoss(TripletLoss):
         if self.online_batch:  # the same rows, as online features with this rank's gradient
             gather = gather_with_local_grad if self.gather_batch else (lambda x: x)
             batch_mv, batch_mt = gather(v), gather(t)
-            positive_scores = (v * t).sum(-1)
-            i2t_pos = t2i_pos = positive_scores
+            i2t_pos = t2i_pos = (v * t).sum(-1)
         else:
             i2t_pos, t2i_pos = (v * mt).sum(-1), (t * mv).sum(-1)
         bank = self.bank
@@ -283,14 +282,14 @@ class FNELoss(TripletLoss):
     @staticmethod
     def _mixture_sums(s: Tensor, p_fn: Tensor, valid: Tensor) -> Tensor:
         """[sum r, sum r s, sum r s^2, sum (1-r), sum (1-r) s, sum (1-r) s^2] over the valid
-        entries (r = p_fn), (6,) float64."""
-        r = p_fn * valid  # (B, N)
-        w = valid.to(r.dtype).sub_(r)  # (1 - r) on valid entries, 0 elsewhere
-        sums = []
-        for x in (r, w):
-            xs = x * s
-            sums += [x.sum(dtype=torch.float64), xs.sum(dtype=torch.float64), (xs * s).sum(dtype=torch.float64)]
-        return torch.stack(sums)
+        entries (r = p_fn), (6,) float64. The (1-r) sums are the valid entries' totals minus the r
+        sums, so no (1-r) buffer is formed."""
+        f64 = torch.float64
+        r = p_fn * valid  # (B, N), 0 off the valid entries
+        rs, vs = r * s, s * valid
+        r_sums = torch.stack([r.sum(dtype=f64), rs.sum(dtype=f64), rs.mul_(s).sum(dtype=f64)])
+        totals = torch.stack([torch.count_nonzero(valid).to(f64), vs.sum(dtype=f64), vs.mul_(s).sum(dtype=f64)])
+        return torch.cat([r_sums, totals - r_sums])
 
     @staticmethod
     def _truth_diagnostics(s: Tensor, valid: Tensor, truth: Tensor, idx: Tensor, has: Tensor, hard_idx: Tensor,
