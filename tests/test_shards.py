@@ -24,9 +24,11 @@ from omegaconf import open_dict
 from PIL import Image
 
 from fne_lightning.data.captions import clean_caption
+from fne_lightning.data.datasets import positive_pairs_tensor
 from fne_lightning.data.shards import ShardLoader, expand_shards, stable_id
 from fne_lightning.datamodule import ShardDataModule, SyntheticDataModule
 from fne_lightning.errors import FNEError
+from fne_lightning.fne.positives import PositiveIndex
 from fne_lightning.make_shards import RAW_CAPTIONS, make_shards
 from fne_lightning.models.encoders import ImageConfig
 from fne_lightning.train import build
@@ -62,12 +64,28 @@ def written(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[
     return out, index, split
 
 
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, dict[str, Any]]:
+    """val and test shards (with their positives files) of the tiny synthetic benchmark, in one directory."""
+    out = tmp_path_factory.mktemp("shards") / "eval"
+    return {split: make_shards(compose_task("make_shards", [f"paths.cache_dir={cache_dir}", *SIZES, f"out_dir={out}",
+                                                            f"split={split}", "shard_size=15"], out.parent))
+            for split in ("val", "test")}
+
+
+def eval_shards(evaluation: dict[str, dict[str, Any]]) -> list[str]:
+    return ["data@data.eval=webdataset_eval", *[f"data.eval.{s}_shards='{evaluation[s]['train_shards']}'"
+                                                for s in ("val", "test")],
+            "data.eval.eval_batch_size=16", "data.eval.num_workers=0"]
+
+
 def shard_config(index: dict[str, Any], cache_dir: Path, *overrides: str):
     """The tiny train config with data=webdataset over ``index``'s shards (evaluation: tiny synthetic)."""
     rest = [o for o in TINY_OVERRIDES if not o.startswith("data.")]
+    synthetic = [] if "data@data.eval=webdataset_eval" in overrides else [f"data.eval.{s[5:]}" for s in SIZES]
     return compose_config(["experiment=synthetic", "data=webdataset", f"data.train_shards='{index['train_shards']}'",
                            f"data.train_num_samples={index['num_samples']}", "data.batch_size=16",
-                           "data.num_workers=0", "data.pin_memory=false", *[f"data.eval.{s[5:]}" for s in SIZES],
+                           "data.num_workers=0", "data.pin_memory=false", *synthetic,
                            "data.eval.eval_batch_size=16", *rest, *overrides], cache_dir)
 
 
@@ -132,12 +150,10 @@ def test_stream_serves_the_caption_datamodule_batch_and_every_sample_once(writte
     for got, want in zip(batches[0], expected, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
 
-    by_key = {stable_id(f"{j:09d}"): j for j in range(160)}
     text_ids = [t for b in batches for t in b[3].tolist()]
-    assert sorted(by_key[t] for t in text_ids) == list(range(160))  # each sample exactly once
+    assert sorted(text_ids) == list(range(160))  # each sample exactly once; text id = the json's text_id
     for images, tokens, image_ids, ids in batches:
-        for image, tok, image_id, t in zip(images, tokens, image_ids.tolist(), ids.tolist(), strict=True):
-            j = by_key[t]
+        for image, tok, image_id, j in zip(images, tokens, image_ids.tolist(), ids.tolist(), strict=True):
             i = int(split.text_to_image[j])
             assert image_id == int(split.image_keys[i])  # captions of one image share the id
             assert detokenize(tok) == clean_caption(split.captions[j])
@@ -164,7 +180,7 @@ def test_two_workers_share_the_epoch_and_resume_mid_epoch_exactly(written, cache
     batches = list(full)
     assert len(batches) == 10
     ids = [t for b in batches for t in b[3].tolist()]
-    assert len(ids) == 160 and set(ids) <= {stable_id(f"{j:09d}") for j in range(160)}
+    assert len(ids) == 160 and set(ids) <= set(range(160))
     if not resampled:
         # Each worker yields 5 batches (80 samples) from its two shards: 50 + 50 samples (80 of them) or
         # 50 + 10 (all 60, then 20 again from its second pass), so 140 distinct samples.
@@ -185,7 +201,7 @@ def test_resampled_stream_has_the_epoch_length_and_is_seeded(written, cache_dir:
     loader = datamodule(index, cache_dir, "data.resampled=true").train_dataloader()
     epoch0 = epoch_ids(loader)
     assert len(epoch0) == 10 and all(len(b) == 16 for b in epoch0)
-    assert set(sum(epoch0, [])) <= {stable_id(f"{j:09d}") for j in range(160)}
+    assert set(sum(epoch0, [])) <= set(range(160))
     assert epoch_ids(datamodule(index, cache_dir, "data.resampled=true").train_dataloader()) == epoch0
 
 
@@ -217,11 +233,12 @@ def stream(index: dict[str, Any], cache_dir: Path, shards: str | list[str], num_
 
 def test_image_ids_from_json_field_key_prefix_or_key(written, cache_dir: Path, tmp_path: Path) -> None:
     shard = write_tar(tmp_path / "ids.tar", [good("a_0", 0), good("a_1", 1), good("b_0", 2),
-                                             good("c_0", 3, json={"image_id": 7}), good("c_1", 4, json={"x": 1})])
+                                             good("c_0", 3, json={"image_id": 7, "text_id": 42}),
+                                             good("c_1", 4, json={"x": 1})])
     index = written[1]
     ids = next(iter(stream(index, cache_dir, str(shard), 5, "data.batch_size=5", "data.image_id.key_separator=_")))
     assert ids[2].tolist() == [stable_id("a"), stable_id("a"), stable_id("b"), 7, stable_id("c")]
-    assert ids[3].tolist() == [stable_id(k) for k in ("a_0", "a_1", "b_0", "c_0", "c_1")]
+    assert ids[3].tolist() == [stable_id(k) for k in ("a_0", "a_1", "b_0")] + [42, stable_id("c_1")]
     plain = next(iter(stream(index, cache_dir, str(shard), 5, "data.batch_size=5")))
     assert plain[2].tolist() == [stable_id(k) for k in ("a_0", "a_1", "b_0")] + [7, stable_id("c_1")]
 
@@ -334,6 +351,77 @@ def test_skip_mode_never_hangs_on_shards_without_a_usable_sample(written, cache_
         list(stream(written[1], cache_dir, str(shard), 4, "data.on_bad_image=skip"))
 
 
+# ----------------------------------------------------------------- positives and evaluation from shards
+def test_training_positives_are_the_annotations_in_the_streams_ids(written, cache_dir: Path) -> None:
+    out, index, split = written
+    assert index["positives"] == "train.positives.json" and (out / "train.positives.json").is_file()
+    dm = datamodule(index, cache_dir)
+    # The annotations' positives (image index, caption index), from dataset_synthetic.positives.json.
+    expected = {(int(split.image_keys[i]), j) for i, j in split.positive_pairs.tolist()}
+    got = {tuple(p) for p in dm.load_split("train").positive_pairs.tolist()}
+    assert got == expected and len(expected) > split.num_texts  # more than each caption's own image
+    assert datamodule(index, cache_dir, "data.train_positives=null").load_split("train").positive_pairs is None
+
+    # What the loss's index answers for every (image id, text id) of a streamed batch: extra positives
+    # included (a caption that truly describes another image of the batch).
+    train = dm.load_split("train")
+    positives = PositiveIndex()
+    positives.set_pairs(positive_pairs_tensor(train), train.num_texts)  # as the module's setup does
+    _, _, image_ids, text_ids = next(iter(dm.train_dataloader()))
+    answer = positives.contains(image_ids[:, None], text_ids[None, :])
+    truth = torch.tensor([[(int(i), int(t)) in expected for t in text_ids] for i in image_ids])
+    own = image_ids[:, None] == image_ids[None, :]
+    assert torch.equal(answer, truth) and bool((truth & ~own).any())
+
+
+def test_evaluation_splits_from_shards_equal_those_of_the_annotations(evaluation, cache_dir: Path) -> None:
+    assert all(evaluation[s]["positives"] == f"{s}.positives.json" for s in ("val", "test"))
+    cfg = compose_config(["data=webdataset_eval", *[f"data.{s}_shards='{evaluation[s]['train_shards']}'"
+                                                    for s in ("val", "test")], "data.num_workers=0"], cache_dir)
+    dm = instantiate(cfg.data)
+    dm.use_encoder(IMAGE, byte_tokenize)
+    reference = SyntheticDataModule(cache_dir=str(cache_dir / "synthetic"), num_train=32, num_val=8, num_test=8,
+                                    num_workers=0, image_config=IMAGE, tokenizer=byte_tokenize)
+    for stage in ("val", "test"):
+        got, want = dm.load_split(stage), reference.load_split(stage)
+        assert got.captions == want.captions and got.image_keys == want.image_keys
+        assert np.array_equal(got.text_to_image, want.text_to_image)
+        assert np.array_equal(np.sort(got.positive_pairs, 0), np.sort(want.positive_pairs, 0))
+        assert len(want.positive_pairs) > want.num_texts
+        root = Path(reference.image_root)
+        assert [root / p for p in got.image_paths] == [Path(p) for p in want.image_paths]  # names: the json's paths
+        for ours, theirs in zip(dm._eval_loaders(stage), reference._eval_loaders(stage), strict=True):
+            for a, b in zip(ours, theirs, strict=True):
+                assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(FNEError, match="hold only val and test"):
+        dm.load_split("train")
+
+
+@pytest.mark.parametrize("case", ["missing_file", "bad_format", "no_val_shards", "missing_shard", "two_images"])
+def test_bad_positives_and_evaluation_shards_are_one_clear_line(written, evaluation, cache_dir: Path,
+                                                                 tmp_path: Path, case: str) -> None:
+    index = written[1]
+    if case in ("missing_file", "bad_format"):
+        path = tmp_path / "pos.json"
+        if case == "bad_format":
+            path.write_text(json.dumps({"cat": [1, 2]}))
+        expected = "data.train_positives=.*" + ("not found" if case == "missing_file" else "entry 'cat'")
+        with pytest.raises(FNEError, match=expected):
+            datamodule(index, cache_dir, f"data.train_positives={path}").load_all()
+        return
+    overrides = eval_shards(evaluation)
+    if case == "no_val_shards":
+        overrides, expected = [*overrides, "data.eval.val_shards=null"], "data.eval.val_shards: expected"
+    elif case == "missing_shard":
+        overrides = [*overrides, f"data.eval.test_shards={tmp_path / 'nope.tar'}"]
+        expected = "data.eval.test_shards: shard .*nope.tar' not found"
+    else:  # one image id, two different images
+        shard = write_tar(tmp_path / "two.tar", [good("x", 0, json={"image_id": 3}), good("y", 1, json={"image_id": 3})])
+        overrides, expected = [*overrides, f"data.eval.test_shards={shard}"], "another image than an earlier sample"
+    with pytest.raises(FNEError, match=expected):
+        datamodule(index, cache_dir, *overrides).load_all()
+
+
 # ----------------------------------------------------------------- end to end
 class RecordBatches(L.Callback):
     """Each rank writes the text ids of every training batch, per epoch."""
@@ -374,7 +462,7 @@ def test_two_process_ddp_ranks_see_disjoint_samples_and_equal_batches(written, c
                         enable_model_summary=False, callbacks=[RecordBatches(str(tmp_path))])
     trainer.fit(module, datamodule=dm)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    keys = {stable_id(f"{j:09d}") for j in range(160)}
+    keys = set(range(160))
     for epoch in ("0", "1"):
         batches = [ranks[r][epoch] for r in range(2)]
         # 160 samples / (16 x 2 ranks): 5 full batches on each rank, although the shards are uneven.
@@ -418,15 +506,27 @@ def test_entry_points_write_shards_and_train_on_them(cache_dir: Path, tmp_path: 
     index = json.loads((out / "train.json").read_text())
     assert len(index["shards"]) == 4 and f"data.train_shards=\"{index['train_shards']}\"" in proc.stdout
     rest = [o for o in TINY_OVERRIDES if not o.startswith("data.")]
+    for split in ("val", "test"):  # in-process: the entry point's own run is above
+        make_shards(compose_task("make_shards", [f"paths.cache_dir={cache_dir}", *SIZES, f"out_dir={out}",
+                                                 f"split={split}", "shard_size=15"], tmp_path / "make"))
+    evaluation = {s: json.loads((out / f"{s}.json").read_text()) for s in ("val", "test")}
     run_dir = tmp_path / "run"
     proc = run_entry_point("train", "experiment=synthetic", "data=webdataset",
                            f"data.train_shards='{index['train_shards']}'", "data.train_num_samples=160",
-                           "data.batch_size=16", "data.num_workers=2", *[f"data.eval.{s[5:]}" for s in SIZES],
-                           "data.eval.eval_batch_size=16", *rest, f"paths.cache_dir={cache_dir}",
-                           f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                           "data.batch_size=16", "data.num_workers=2", *eval_shards(evaluation), *rest,
+                           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/rsum"] > 0 and metrics["val/rsum_best"] > 0
+    # Training positives from the shards' index: the false-negative diagnostics are reported.
+    assert metrics["fne/fn_base_rate"] > 0 and "fne/sampled_fn_rate" in metrics and "fne/hardest_fn_rate" in metrics
+    # Evaluation from the shards is evaluation on the annotations: the same model scores the same.
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = run_entry_point("evaluate", f"ckpt_path={ckpt}", "data=synthetic", *SIZES, "data.num_workers=0",
+                           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    direct = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert direct["test/rsum"] == pytest.approx(metrics["test/rsum"], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -290,7 +290,9 @@ class RetrievalFigures(Callback):
             split, metric = trainer.datamodule.load_split("val"), module.val_metric
             examples = retrieval_examples(*features, metric.text_to_image, metric.positive_pairs,
                                                 num_queries=self.num_examples, k=self.top_k)
-            rows = plots.example_rows(examples, split.captions, lambda i: open_image(split.image_paths[i]))
+            image = trainer.datamodule.image if hasattr(trainer.datamodule, "image") else (
+                lambda stage, i: open_image(split.image_paths[i]))
+            rows = plots.example_rows(examples, split.captions, lambda i: image("val", i))
             fig = plots.retrieval_figure(*rows, title=f"{title}: validation retrievals")
             paths["val/retrievals"] = plots.save_figure(fig, run_dir / f"retrievals_epoch{epoch:03d}.png")
         for logger in trainer.loggers:

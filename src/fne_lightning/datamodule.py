@@ -37,7 +37,16 @@ from fne_lightning.data.datasets import (
     load_karpathy,
 )
 from fne_lightning.data.order import ResumableLoader, ResumableSampler
-from fne_lightning.data.shards import ShardLoader, ShardStream, StreamError, expand_shards, local_path
+from fne_lightning.data.shards import (
+    ShardLoader,
+    ShardStream,
+    StreamError,
+    expand_shards,
+    local_path,
+    read_split,
+    resolve_positives,
+    stream_positives,
+)
 from fne_lightning.data.synthetic import build_synthetic
 from fne_lightning.data.transforms import build_transform, is_random
 from fne_lightning.errors import FNEError, check
@@ -207,6 +216,11 @@ class CaptionDataModule(L.LightningDataModule):
             self._images[stage] = ImageStore(self.data[stage].image_paths, self.preload_images)
         return self._images[stage]
 
+    def image(self, stage: str, i: int) -> Any:
+        """The RGB image ``i`` of split ``stage`` (as PIL decodes it, before any transform)."""
+        self.load_split(stage)
+        return self._store(stage)[i]
+
     # ------------------------------------------------------------- dataloaders
     def _loader(self, dataset, batch_size: int) -> DataLoader:
         return DataLoader(
@@ -292,6 +306,91 @@ class SyntheticDataModule(CaptionDataModule):
         return super().load_split(stage)
 
 
+class ShardEvalDataModule(CaptionDataModule):
+    """Validation and test splits read from WebDataset shards (e.g. ``make_shards`` of a Karpathy
+    val/test split), for ``data=webdataset``'s ``data.eval`` or for ``evaluate``.
+
+    Each split's shards are read whole into memory at set-up (encoded images, captions): unique
+    images by image id, every caption, in text-id order (the annotations' order for shards that
+    ``make_shards`` wrote), so the metrics are the same R@K / rsum / multi-positive numbers as
+    from the annotations. It has no training split.
+
+    Args:
+        val_shards, test_shards: shard paths or URLs (brace patterns, ``::`` lists, lists).
+        val_positives, test_positives: extra positives ``{"<image_id>": [text_id, ...]}`` in the
+            shards' ids: a file, ``auto`` (the one the ``make_shards`` index names) or null.
+        image_id, text_id_field, on_bad_image: as for :class:`ShardDataModule`.
+        Others as for :class:`CaptionDataModule` (``eval_batch_size``, ``test_folds``, ``caption``,
+        ``cache_inputs``, ``preload_images``, ``num_workers``, ``pin_memory``, ...).
+    """
+
+    def __init__(self, val_shards: str | Sequence[str] | None = None, test_shards: str | Sequence[str] | None = None,
+                 val_positives: str | None = "auto", test_positives: str | None = "auto",
+                 image_id: Mapping[str, Any] | None = None, text_id_field: str | None = "text_id",
+                 **kwargs: Any) -> None:
+        for key in ("root", "annotations", "positives", "image_root"):
+            check(kwargs.get(key) is None, f"data.{key}", "no value for shards (val_shards / test_shards name them)",
+                  kwargs.get(key))
+            kwargs.pop(key, None)
+        image_id = dict(image_id or {})
+        unknown = set(image_id) - {"field", "key_separator"}
+        check(not unknown, "data.image_id", "the keys field and key_separator", sorted(unknown))
+        super().__init__(root="", **kwargs)
+        self.split_shards = {"val": val_shards, "test": test_shards}
+        self.split_positives = {"val": val_positives, "test": test_positives}
+        self.image_id_field, self.key_separator = image_id.get("field", "image_id"), image_id.get("key_separator")
+        self.text_id_field = text_id_field
+        self.config_key = "data"  # where the keys are named in errors (data.eval under data=webdataset)
+        self._blobs: dict[str, list[bytes]] = {}
+        # Tables name the dataset after the shards' directory.
+        first = next((expand_shards(s) for s in (test_shards, val_shards) if s), [])
+        path = local_path(first[0]) if first else None
+        self.root = str(Path(path).parent) if path else "shards"
+
+    def load_split(self, stage: str) -> CaptionSplit:
+        if stage not in self.data:
+            key = f"{self.config_key}.{stage}_shards"
+            if stage not in self.split_shards:
+                raise FNEError(f"{self.config_key}: shards for evaluation hold only val and test splits (train from "
+                               "shards with data=webdataset)")
+            spec = self.split_shards[stage]
+            if not spec:
+                raise FNEError(f"{key}: expected the {stage} split's shard paths or URLs (e.g. "
+                               f"'/data/f30k/{stage}-{{000000..000004}}.tar', written by make_shards)")
+            urls = expand_shards(spec)
+            if not urls:
+                raise FNEError(f"{key}={spec!r}: expands to no shard")
+            missing = [u for u in urls if (path := local_path(u)) is not None and not Path(path).is_file()]
+            if missing:  # an evaluation split without some of its shards would give other numbers
+                raise FNEError(f"{key}: shard {missing[0]!r} not found ({len(missing)} of {len(urls)} shards missing)")
+            positives_key = f"{self.config_key}.{stage}_positives"
+            split, blobs = read_split(urls, stage, self.clean, key, self.image_id_field, self.key_separator,
+                                      self.text_id_field, self.on_bad_image,
+                                      resolve_positives(self.split_positives[stage], urls, positives_key),
+                                      positives_key)
+            if stage == "test" and self.test_folds and split.num_images % self.test_folds:
+                raise FNEError(f"{self.config_key}.test_folds={self.test_folds}: expected a divisor of the "
+                               f"{split.num_images} test images")
+            self.data[stage], self._blobs[stage] = split, blobs
+        return self.data[stage]
+
+    def load_all(self) -> None:
+        for stage in ("val", "test"):
+            self.load_split(stage)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.image_config is None or self.tokenizer is None:
+            raise RuntimeError("ShardEvalDataModule needs image_config and tokenizer from the encoder")
+        wanted = {"fit": ("val",), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for name in wanted.get(stage, ("val", "test")) if stage else ("val", "test"):
+            self.load_split(name)
+
+    def _store(self, stage: str) -> ImageStore:
+        if stage not in self._images:
+            self._images[stage] = ImageStore(self.data[stage].image_paths, self.preload_images, self._blobs[stage])
+        return self._images[stage]
+
+
 class ShardDataModule(L.LightningDataModule):
     """Training pairs streamed from WebDataset shards; validation and test from ``eval``.
 
@@ -305,6 +404,11 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: samples shuffled in each reader's buffer (0: shard order).
         image_id: ``field`` of ``<key>.json`` holding the image id, and ``key_separator`` (image id =
             the key up to its last separator) when the json lacks it; neither: the key.
+        text_id_field: the ``<key>.json`` field holding the caption's id (``make_shards`` writes
+            ``text_id``); without it, the hashed key.
+        train_positives: which (image id, text id) pairs truly match, ``{"<image_id>": [text_id, ...]}``
+            (integer ids), for the false-negative diagnostics of training: a file, ``auto`` (the one
+            the ``make_shards`` index beside the shards names, if any) or null (none).
         on_bad_image: ``error`` stops at the first bad shard or sample, named; ``skip`` logs and skips it.
         augment, caption, num_workers, pin_memory, shuffle_seed, image_config, tokenizer: as for
             :class:`CaptionDataModule`.
@@ -321,6 +425,8 @@ class ShardDataModule(L.LightningDataModule):
         resampled: bool = False,
         shuffle_buffer: int = 5000,
         image_id: Mapping[str, Any] | None = None,
+        text_id_field: str | None = "text_id",
+        train_positives: str | None = "auto",
         on_bad_image: str = "error",
         augment: Mapping[str, Any] | None = None,
         caption: Mapping[str, Any] | None = None,
@@ -344,10 +450,14 @@ class ShardDataModule(L.LightningDataModule):
         image_id = dict(image_id or {})
         unknown = set(image_id) - {"field", "key_separator"}
         check(not unknown, "data.image_id", "the keys field and key_separator", sorted(unknown))
+        if isinstance(eval, ShardEvalDataModule):
+            eval.config_key = "data.eval"
         self.train_shards, self.train_num_samples, self.eval = train_shards, train_num_samples, eval
         self.batch_size, self.resampled, self.shuffle_buffer = batch_size, resampled, shuffle_buffer
         self.num_workers, self.pin_memory = resolve_loader_settings(num_workers, pin_memory)
         self.image_id_field, self.key_separator = image_id.get("field", "image_id"), image_id.get("key_separator")
+        self.text_id_field, self.train_positives = text_id_field, train_positives
+        self._train_split: CaptionSplit | None = None
         self.on_bad_image = on_bad_image
         self.augment = dict(augment or {})
         self.clean = partial(clean_caption, **dict(caption or {}))
@@ -386,16 +496,25 @@ class ShardDataModule(L.LightningDataModule):
 
     def load_all(self) -> None:
         """Check the shard list and the evaluation splits now, before a model is built."""
-        self.shards()
+        self.load_split("train")
         for stage in ("val", "test"):
             self.eval.load_split(stage)
 
     def load_split(self, stage: str) -> CaptionSplit:
-        """val/test: the eval module's split. train: an empty split (the stream is never held in
-        memory), so the loss gets no declared positives and the false-negative diagnostics are off."""
-        if stage == "train":
-            return CaptionSplit("train", [], [], np.zeros(0, np.int64))
-        return self.eval.load_split(stage)
+        """val/test: the eval module's split. train: no images or captions (the stream is never held
+        in memory), only the declared positives (``train_positives``) in the stream's (image id,
+        text id) pairs, which the false-negative diagnostics test the bank's candidates against;
+        without them the diagnostics are off."""
+        if stage != "train":
+            return self.eval.load_split(stage)
+        if self._train_split is None:
+            split = CaptionSplit("train", [], [], np.zeros(0, np.int64))
+            path = resolve_positives(self.train_positives, self.shards(), "data.train_positives")
+            if path is not None:
+                split.positive_pairs = stream_positives(path, "data.train_positives")
+                log.info("training positives: %d pairs from %s", len(split.positive_pairs), path)
+            self._train_split = split
+        return self._train_split
 
     def prepare_data(self) -> None:
         self.eval.prepare_data()
@@ -423,6 +542,7 @@ class ShardDataModule(L.LightningDataModule):
         stream = ShardStream(
             urls, self.batch_size, num_batches, build_transform(self.image_config, train=True, **self.augment),
             self.tokenizer, self.clean, image_id_field=self.image_id_field, key_separator=self.key_separator,
+            text_id_field=self.text_id_field,
             seed=self.shuffle_seed, resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
             on_bad_image=self.on_bad_image, rank=rank, world=world)
         # Lightning warns that an IterableDataset's length may be wrong with workers; this one's is
@@ -449,6 +569,9 @@ class ShardDataModule(L.LightningDataModule):
     def _train_progress(self) -> tuple[int, int]:
         trainer = self.trainer
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def image(self, stage: str, i: int) -> Any:
+        return self.eval.image(stage, i)
 
     def val_dataloader(self) -> list[DataLoader]:
         return self.eval.val_dataloader()

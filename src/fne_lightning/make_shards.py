@@ -10,7 +10,11 @@ sample per caption, which ``data=webdataset`` then streams:
   index in the split) and ``image`` (the path relative to the image root).
 
 Shards are ``<split>-000000.tar``, ... of ``shard_size`` samples; ``<split>.json`` beside them
-indexes them (names and sample counts) and gives the ``data.train_shards`` pattern. The index is
+indexes them (names and sample counts) and gives the ``data.train_shards`` pattern. A split with
+declared extra positives (the synthetic benchmark, a Karpathy JSON with ``.positives.json``) also
+gets ``<split>.positives.json``, ``{"<image_id>": [text_id, ...]}`` in the shards' ids, which the
+index names: training from the shards then reports the false-negative diagnostics, and
+validation and test from them the multi-positive metrics. The index is
 written last, so a directory with an index holds complete shards. Captions are shuffled (``seed``)
 before writing unless ``shuffle=false``, so that every shard is a random sample of the split.
 """
@@ -52,6 +56,21 @@ def json_id(key: str) -> int | str:
     return int(key) if key.isdigit() else key
 
 
+def shard_positives(split: Any) -> dict[str, list[int]] | None:
+    """The split's declared positives in the shards' ids, ``{"<image_id>": [text_id, ...]}``, or None
+    when it declares none (or its image ids are not integers, which the stream would hash)."""
+    if split.positive_pairs is None:
+        return None
+    keys = split.image_keys or [str(i) for i in range(split.num_images)]
+    if not all(isinstance(json_id(k), int) for k in keys):
+        log.warning("the %s split's positives are not written: its image ids are not integers", split.name)
+        return None
+    out: dict[str, list[int]] = {}
+    for i, j in split.positive_pairs.tolist():
+        out.setdefault(str(json_id(keys[i])), []).append(int(j))
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def write_shards(split: Any, image_root: str, out_dir: Path, shard_size: int, shuffle: bool = True,
                  seed: int = 0) -> dict[str, Any]:
     """Write ``split`` (a :class:`~fne_lightning.data.datasets.CaptionSplit`) into ``out_dir`` as
@@ -86,6 +105,9 @@ def write_shards(split: Any, image_root: str, out_dir: Path, shard_size: int, sh
             counts[shard] = counts.get(shard, 0) + 1
     names = sorted(counts)
     last = len(names) - 1
+    positives = shard_positives(split)
+    if positives is not None:
+        write_json(out_dir / f"{name}.positives.json", positives)
     index = {
         "split": name,
         "num_samples": int(split.num_texts),
@@ -94,6 +116,8 @@ def write_shards(split: Any, image_root: str, out_dir: Path, shard_size: int, sh
         # data.train_shards for these shards (brace expansion of the numbers written).
         "train_shards": str(out_dir / (f"{name}-{{000000..{last:06d}}}.tar" if last else names[0])),
     }
+    if positives is not None:
+        index["positives"] = f"{name}.positives.json"
     write_json(out_dir / f"{name}.json", index)
     return index
 

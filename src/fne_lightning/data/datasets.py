@@ -15,6 +15,7 @@ caption to its image: nothing assumes five captions per image.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -112,11 +113,11 @@ def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], na
         raise FNEError(f"data.annotations={str(annotations)!r}: no images in split(s) {list(splits)}")
     split = CaptionSplit(name, paths, _clean_all(captions, clean, where), np.asarray(t2i, np.int64), keys)
     if positives is not None:
-        split.positive_pairs = _positive_pairs(Path(positives), keys, sentids, "data.positives")
+        split.positive_pairs = read_positive_pairs(Path(positives), keys, sentids, "data.positives")
     else:
         pos_file = annotations.with_name(annotations.stem + ".positives.json")
         if pos_file.is_file():
-            split.positive_pairs = _positive_pairs(pos_file, keys, sentids)
+            split.positive_pairs = read_positive_pairs(pos_file, keys, sentids)
     return split
 
 
@@ -154,7 +155,7 @@ def check_karpathy_ids(images: list, annotations: Path) -> None:
                 sentence_owner[sentid] = n
 
 
-def _positive_pairs(pos_file: Path, image_keys: list[str], sentids: list[int],
+def read_positive_pairs(pos_file: Path, image_keys: list[str], sentids: list[int],
                     key: str = "positives file") -> np.ndarray:
     """Map ``{"<imgid>": [sentid, ...]}`` onto (image index, caption index) pairs of a split."""
     raw = read_json(pos_file, key)
@@ -198,15 +199,16 @@ def load_albef(annotations: Path, image_root: Path, name: str,
     return CaptionSplit(name, paths, _clean_all(captions, clean, where), np.asarray(t2i, np.int64), keys)
 
 
-def image_problem(path: str) -> str | None:
-    """Why ``path`` is not a usable image (missing, not an image, truncated), or None.
+def image_problem(source: str | bytes) -> str | None:
+    """Why ``source`` (a file path, or an image file's bytes) is not a usable image (missing, not an
+    image, truncated), or None.
 
     Cheap enough for every image at set-up (a header parse and a look at the file's end):
     JPEG and PNG files cut short lack their end marker, which is the common truncation.
     A file that still fails to decode later raises :class:`FNEError` naming it.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             fmt = img.format
     except FileNotFoundError:
         return "file not found"
@@ -216,10 +218,14 @@ def image_problem(path: str) -> str | None:
         return f"unreadable image ({err})"
     marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt or "")
     if marker:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 1024))
-            if marker not in f.read():
-                return f"truncated {fmt} (no end marker)"
+        if isinstance(source, bytes):
+            tail = source[-1024:]
+        else:
+            with open(source, "rb") as f:
+                f.seek(max(0, os.path.getsize(source) - 1024))
+                tail = f.read()
+        if marker not in tail:
+            return f"truncated {fmt} (no end marker)"
     return None
 
 
@@ -263,24 +269,33 @@ def drop_images(split: CaptionSplit, drop: set[int]) -> CaptionSplit:
                         [split.image_keys[i] for i in keep] if split.image_keys else [], pairs)
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """The RGB image of a file (closed again); a file that does not decode is one clear error."""
+def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """The RGB image of a file or of an image file's bytes (``name``: what to call it in errors);
+    an image that does not decode is one clear error."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:  # PIL's decode errors, incl. truncation
-        raise FNEError(f"{path}: cannot decode image ({err})") from None
+        raise FNEError(f"{name or source}: cannot decode image ({err})") from None
 
 
 class ImageStore:
-    """Loads RGB images by index, optionally decoded once and kept in memory."""
+    """Loads RGB images by index, optionally decoded once and kept in memory.
 
-    def __init__(self, paths: Sequence[str], preload: bool = False) -> None:
+    ``blobs``: the images' encoded bytes (e.g. read from shards) instead of files; ``paths`` then
+    only name them.
+    """
+
+    def __init__(self, paths: Sequence[str], preload: bool = False, blobs: Sequence[bytes] | None = None) -> None:
         self.paths = list(paths)
-        self.cache = [open_image(p) for p in self.paths] if preload else None
+        self.blobs = None if blobs is None else list(blobs)
+        self.cache = [self._open(i) for i in range(len(self.paths))] if preload else None
+
+    def _open(self, i: int) -> Image.Image:
+        return open_image(self.paths[i]) if self.blobs is None else open_image(self.blobs[i], self.paths[i])
 
     def __getitem__(self, i: int) -> Image.Image:
-        return self.cache[i] if self.cache is not None else open_image(self.paths[i])
+        return self.cache[i] if self.cache is not None else self._open(i)
 
 
 Tokenize = Callable[[list[str]], Tensor]

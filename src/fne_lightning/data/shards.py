@@ -9,7 +9,12 @@ The stream serves what :class:`~fne_lightning.data.datasets.PairDataset` serves,
 (images (B, 3, H, W), tokens (B, L), image ids (B,), text ids (B,)). FNE masks captions of the
 same image by their image id: the ``<key>.json`` field ``image_id_field`` when the sample has it,
 else the key up to its last ``key_separator``, else the key itself (one caption per image, CC3M);
-integers are kept, other values hashed (:func:`stable_id`). Text ids are the hashed keys.
+integers are kept, other values hashed (:func:`stable_id`). Text ids are the json field
+``text_id_field`` when present (``make_shards`` writes the caption's index), else the hashed key.
+With integer ids, a positives file ``{"<image_id>": [text_id, ...]}`` (``make_shards`` writes
+``<split>.positives.json``) declares which pairs truly match: the false-negative diagnostics of
+training (:func:`stream_positives`), and multi-positive metrics of validation and test read
+from shards (:func:`read_split`).
 
 Order and length (open_clip's ``get_wds_dataset``): every DataLoader worker of every rank is one
 *reader*. Without resampling, epoch e shuffles the shard list from (seed, e), identically on every
@@ -35,19 +40,23 @@ batches already trained are dropped before decoding (:class:`ShardLoader`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
 import json
 import logging
 import multiprocessing
+import os
 import random
 import subprocess
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -55,6 +64,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from fne_lightning.data.datasets import CaptionSplit, image_problem, read_json, read_positive_pairs
 from fne_lightning.errors import FNEError
 
 log = logging.getLogger(__name__)
@@ -219,6 +229,32 @@ class _TailCheck:
         self.stream.close()
 
 
+# ------------------------------------------------------------------ samples
+def parse_sample(sample: dict[str, Any], image_id_field: str | None, key_separator: str | None,
+                 text_id_field: str | None) -> dict[str, Any]:
+    """Check a raw sample's layout (one image, one caption), read its json and its ids (no decoding)."""
+    key, url = sample["__key__"], sample.get("__url__", "?")
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None or "txt" not in sample:
+        has = "a caption but no image" if ext is None and "txt" in sample else (
+            "an image but no caption (.txt)" if ext is not None else "neither image nor caption")
+        found = sorted(k for k in sample if not k.startswith("__"))
+        raise BadSample(f"{url}: sample {key!r} has {has} (members {found}); expected {LAYOUT}")
+    meta: Any = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadSample(f"{url}: sample {key!r}: <key>.json is not valid JSON ({err})") from None
+    meta = meta if isinstance(meta, dict) else {}
+    image_id: Any = meta.get(image_id_field) if image_id_field else None
+    if image_id is None:
+        image_id = key.rsplit(key_separator, 1)[0] if key_separator else key
+    text_id: Any = meta.get(text_id_field) if text_id_field else None
+    return {"key": key, "url": url, "image": sample[ext], "txt": sample["txt"], "image_id": stable_id(image_id),
+            "text_id": stable_id(key if text_id is None else text_id), "name": meta.get("image")}
+
+
 # ------------------------------------------------------------------ the stream
 class ShardStream(IterableDataset):
     """One rank's training batches from shards: ``num_batches`` per epoch (see the module docstring).
@@ -228,7 +264,7 @@ class ShardStream(IterableDataset):
         batch_size, num_batches: the batch size and the batches of one epoch on this rank.
         rank, world: this process's rank and the number of processes (from the trainer).
         transform: PIL image -> (3, H, W) tensor; tokenize: ``[caption] -> (1, L)``; clean: caption cleaning.
-        image_id_field, key_separator: where image ids come from (module docstring).
+        image_id_field, key_separator, text_id_field: where image and text ids come from (module docstring).
         seed: the run's seed; with the epoch, rank and worker it fixes shard order and shuffle buffer.
         resampled: draw shards with replacement (open_clip's ``--dataset-resampled``).
         shuffle_buffer: samples in the shuffle buffer (0: the order of the shards).
@@ -238,11 +274,11 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: Sequence[str], batch_size: int, num_batches: int, transform: Callable,
                  tokenize: Callable, clean: Callable[[str], str] = str, image_id_field: str | None = "image_id",
                  key_separator: str | None = None, seed: int = 0, resampled: bool = False, shuffle_buffer: int = 5000,
-                 on_bad_image: str = "error", rank: int = 0, world: int = 1) -> None:
+                 on_bad_image: str = "error", rank: int = 0, world: int = 1, text_id_field: str | None = "text_id") -> None:
         super().__init__()
         self.urls, self.batch_size, self.num_batches = list(urls), batch_size, num_batches
         self.transform, self.tokenize, self.clean = transform, tokenize, clean
-        self.image_id_field, self.key_separator = image_id_field, key_separator
+        self.image_id_field, self.key_separator, self.text_id_field = image_id_field, key_separator, text_id_field
         self.seed, self.resampled, self.shuffle_buffer = seed, resampled, shuffle_buffer
         self.on_bad_image, self.rank, self.world = on_bad_image, rank, world
         # Set by the loader before each epoch and read by (persistent) workers when it starts.
@@ -304,25 +340,7 @@ class ShardStream(IterableDataset):
 
     # ---------------------------------------------------------------- sample stages
     def _pair(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """Check the layout: one image, one caption; read the json and the image id (no decoding yet)."""
-        key, url = sample["__key__"], sample.get("__url__", "?")
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None or "txt" not in sample:
-            has = "a caption but no image" if ext is None and "txt" in sample else (
-                "an image but no caption (.txt)" if ext is not None else "neither image nor caption")
-            found = sorted(k for k in sample if not k.startswith("__"))
-            raise BadSample(f"{url}: sample {key!r} has {has} (members {found}); expected {LAYOUT}")
-        meta: Any = {}
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise BadSample(f"{url}: sample {key!r}: <key>.json is not valid JSON ({err})") from None
-        image_id: Any = meta.get(self.image_id_field) if isinstance(meta, dict) and self.image_id_field else None
-        if image_id is None:
-            image_id = key.rsplit(self.key_separator, 1)[0] if self.key_separator else key
-        return {"key": key, "url": url, "image": sample[ext], "txt": sample["txt"],
-                "image_id": stable_id(image_id), "text_id": stable_id(key)}
+        return parse_sample(sample, self.image_id_field, self.key_separator, self.text_id_field)
 
     def _decode(self, sample: dict[str, Any]) -> tuple[Tensor, Tensor, int, int]:
         key, url = sample["key"], sample["url"]
@@ -394,6 +412,122 @@ class _Reader:
         for sample in group_by_keys(files, handler=handler):
             self.seen += 1
             yield sample
+
+
+# ------------------------------------------------------------------ positives and whole splits
+POSITIVES_FORMAT = '{"<image_id>": [text_id, ...]}'
+
+
+def find_positives(urls: Sequence[str]) -> Path | None:
+    """The positives file that the ``make_shards`` index beside the first shard names, if any
+    (local shards only: an index is any ``*.json`` there whose ``shards`` list that shard)."""
+    path = local_path(urls[0]) if urls else None
+    if path is None:
+        return None
+    shard = Path(path)
+    for candidate in sorted(shard.parent.glob("*.json")):
+        try:
+            index = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        entries = index.get("shards") if isinstance(index, dict) else None
+        if isinstance(entries, list) and any(isinstance(e, dict) and e.get("name") == shard.name for e in entries):
+            name = index.get("positives")
+            return shard.parent / name if isinstance(name, str) else None
+    return None
+
+
+def resolve_positives(setting: str | None, urls: Sequence[str], key: str) -> Path | None:
+    """``auto``: the file the shards' index names (:func:`find_positives`); null: none; else the file."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        return find_positives(urls)
+    path = Path(os.path.expanduser(str(setting)))
+    if not path.is_file():
+        raise FNEError(f"{key}={str(setting)!r}: positives file not found (expected {POSITIVES_FORMAT} in the "
+                       "shards' image and text ids; make_shards writes <split>.positives.json)")
+    return path
+
+
+def stream_positives(path: Path, key: str) -> np.ndarray:
+    """(P, 2) int64 (image id, text id) pairs of a positives file in the stream's ids (integers)."""
+    raw = read_json(path, key)
+    if not isinstance(raw, dict):
+        raise FNEError(f"{key}={str(path)!r}: expected an object {POSITIVES_FORMAT}")
+    pairs = []
+    for image_id, text_ids in raw.items():
+        if not (image_id.isdigit() and isinstance(text_ids, list)
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in text_ids)):
+            raise FNEError(f"{key}={str(path)!r}: entry {image_id!r}: expected a non-negative integer image id "
+                           f"with a list of non-negative integer text ids ({POSITIVES_FORMAT})")
+        pairs.extend((int(image_id), t) for t in text_ids)
+    out = np.asarray(pairs, np.int64).reshape(-1, 2)
+    if len(out) and (int(out[:, 0].max()) + 1) * (int(out[:, 1].max()) + 1) >= 2**62:
+        raise FNEError(f"{key}={str(path)!r}: image and text ids too large to index together "
+                       "(expected ids below a few billion, as make_shards writes)")
+    return out
+
+
+def read_split(urls: Sequence[str], name: str, clean: Callable[[str], str], key: str,
+               image_id_field: str | None = "image_id", key_separator: str | None = None,
+               text_id_field: str | None = "text_id", on_bad_image: str = "error",
+               positives: Path | None = None, positives_key: str = "positives") -> tuple[CaptionSplit, list[bytes]]:
+    """A whole evaluation split read from shards into memory: its :class:`CaptionSplit` (unique
+    images by image id, every caption; in text-id order, which is the annotations' order for shards
+    that ``make_shards`` wrote) and each image's encoded bytes. ``positives``: a file of
+    :data:`POSITIVES_FORMAT` in the shards' ids (``positives_key`` names it in errors); ``key`` names
+    the shard list in errors. Bad input as for training (``on_bad_image``)."""
+    reader = _Reader(set())
+    handler = BadInputHandler(on_bad_image, reader.where, multiprocessing.Value("q", 0), reader.exit_status)
+    parse = functools.partial(parse_sample, image_id_field=image_id_field, key_separator=key_separator,
+                              text_id_field=text_id_field)
+    samples = sorted(wds.map(parse, handler=handler)(reader.samples(urls, handler)), key=lambda s: s["text_id"])
+    index: dict[int, int] = {}
+    bad_images: set[int] = set()
+    first: dict[int, str] = {}
+    names, blobs, image_keys, captions, text_to_image, text_ids = [], [], [], [], [], []
+    for sample in samples:
+        where = f"{sample['url']}: sample {sample['key']!r}"
+        if sample["text_id"] in first:
+            raise FNEError(f"{where} has text id {sample['text_id']}, as has sample {first[sample['text_id']]!r}; "
+                           "expected one text id per caption")
+        first[sample["text_id"]] = sample["key"]
+        image_id = sample["image_id"]
+        try:
+            caption = clean(sample["txt"].decode("utf-8"))
+            if not caption:
+                raise BadSample(f"{where}: caption {sample['txt'][:80]!r} is empty after preprocessing")
+            if image_id in bad_images:
+                continue
+            i = index.get(image_id)
+            if i is None:
+                if problem := image_problem(sample["image"]):
+                    bad_images.add(image_id)
+                    raise BadSample(f"{where}: image does not decode ({problem})")
+                i = index[image_id] = len(blobs)
+                blobs.append(sample["image"])
+                names.append(sample["name"] if isinstance(sample["name"], str) else f"{sample['url']}#{sample['key']}")
+                image_keys.append(str(image_id))
+            elif blobs[i] != sample["image"]:
+                raise FNEError(f"{where} gives image id {image_id} another image than an earlier sample of that id; "
+                               "expected one image per id")
+        except UnicodeDecodeError as err:
+            handler(BadSample(f"{where}: caption is not UTF-8 ({err})"))
+            continue
+        except BadSample as err:
+            handler(err)
+            continue
+        captions.append(caption)
+        text_to_image.append(i)
+        text_ids.append(sample["text_id"])
+    if not captions:
+        raise FNEError(f"{key}: no usable sample in its {len(urls)} shards (the first {urls[0]!r}); expected tars "
+                       f"of {LAYOUT}")
+    split = CaptionSplit(name, names, captions, np.asarray(text_to_image, np.int64), image_keys)
+    if positives is not None:
+        split.positive_pairs = read_positive_pairs(positives, image_keys, text_ids, positives_key)
+    return split, blobs
 
 
 def collate(samples: list[tuple[Tensor, Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -34,7 +34,8 @@ class PositiveIndex(nn.Module):
         return self.keys.numel() > 0
 
     def set_pairs(self, pairs: Tensor | None, num_texts: int) -> None:
-        """``pairs``: (P, 2) LongTensor of (image index, caption index); None clears it."""
+        """``pairs``: (P, 2) LongTensor of (image index, caption index); None clears it. ``num_texts``:
+        the captions of the split (at least one more than the largest caption index in ``pairs``)."""
         device = self.keys.device
         self.bitmap = torch.empty(0, dtype=torch.uint8, device=device)
         if pairs is None or pairs.numel() == 0:
@@ -42,7 +43,8 @@ class PositiveIndex(nn.Module):
             self.num_texts = self.num_images = 0
             return
         pairs = pairs.to(device, torch.long)
-        self.num_texts = int(num_texts)
+        # A stream's split holds no captions: its text ids are known only from the pairs.
+        self.num_texts = max(int(num_texts), int(pairs[:, 1].max()) + 1)
         self.num_images = int(pairs[:, 0].max()) + 1
         self.keys = torch.unique(pairs[:, 0] * self.num_texts + pairs[:, 1])  # sorted
         cells = self.num_images * self.num_texts
