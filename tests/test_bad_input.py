@@ -1,8 +1,10 @@
 """Bad input through the real entry point: one clear line naming the culprit, non-zero exit, no traceback.
 
-Every case runs ``python -m fne_lightning.train`` in a subprocess on files the fixture writes
-(a small Karpathy dataset with real JPEGs, and broken variants of it). The subprocesses run
-concurrently to keep the suite fast; each case is checked by its own test.
+Every case runs ``python -m fne_lightning.train`` in a process of its own on files the fixture
+writes (a small Karpathy dataset with real JPEGs, and broken variants of it). The processes are
+forked from a server that imported torch, Lightning and open_clip once (``helpers.run_forked``:
+33 fresh interpreters spent most of their 170 s importing them), and run concurrently; each case
+is checked by its own test.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_OVERRIDES, compose_config
-from helpers import offline_env, run_entry_point, write_karpathy
+from helpers import offline_env, run_forked, write_karpathy
 
 TINY = [o for o in TINY_OVERRIDES if not o.startswith("data.num_")]
 
@@ -137,7 +139,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[
 
     def launch(item: tuple[str, list[str]]) -> tuple[str, subprocess.CompletedProcess]:
         name, args = item
-        return name, run_entry_point("train", *TINY, *args, f"hydra.run.dir={base / 'runs' / name}", cwd=base, env=env)
+        return name, run_forked("train", *TINY, *args, f"hydra.run.dir={base / 'runs' / name}", cwd=base, env=env)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(pool.map(launch, jobs.items()))
