@@ -131,21 +131,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precisions", default=None, help="default: 32-true,bf16-mixed on cuda; 32-true on cpu")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the three losses, interleaved; each loss's step time is the median over "
+                             "the rounds (a shared CPU's load drifts: one round of each is noisy)")
     args = parser.parse_args()
     precisions = (args.precisions or ("32-true,bf16-mixed" if args.device == "cuda" else "32-true")).split(",")
+    names = ("vsepp", "momentum_only", "fne")
     rows = []
     for precision in precisions:
-        by_loss = {name: run(args, name, precision) for name in ("vsepp", "momentum_only", "fne")}
+        rounds = [{name: run(args, name, precision) for name in names} for _ in range(args.repeats)]
+        by_loss = {}
+        for name in names:
+            times = sorted(r[name]["step_ms"] for r in rounds)
+            by_loss[name] = {**rounds[0][name], "step_ms": times[len(times) // 2],
+                             "samples_per_s": round(args.batch / times[len(times) // 2] * 1e3, 1),
+                             "step_ms_rounds": [r[name]["step_ms"] for r in rounds]}
         overhead = 100 * (by_loss["fne"]["step_ms"] - by_loss["momentum_only"]["step_ms"]) / by_loss["fne"]["step_ms"]
+        # Per round, so that the load one round ran under cancels out of the ratio.
+        ratios = sorted(r["fne"]["step_ms"] / r["vsepp"]["step_ms"] for r in rounds)
         for row in by_loss.values():
             row["fne_overhead_pct"] = round(overhead, 1)
+            row["fne_over_vsepp"] = round(ratios[len(ratios) // 2], 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print(f"\n{'precision':>11} {'loss':>14} {'step ms':>9} {'samples/s':>10} {'peak GB':>8} {'FNE overhead %':>15}")
+    print(f"\n{'precision':>11} {'loss':>14} {'step ms':>9} {'samples/s':>10} {'peak GB':>8} {'FNE overhead %':>15} "
+          f"{'fne / vsepp':>12}")
     for r in rows:
         mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
         print(f"{r['precision']:>11} {r['loss']:>14} {r['step_ms']:>9.2f} {r['samples_per_s']:>10.1f} "
-              f"{mem:>8} {r['fne_overhead_pct']:>15.1f}")
+              f"{mem:>8} {r['fne_overhead_pct']:>15.1f} {r['fne_over_vsepp']:>12.2f}")
     print(f"\nmodel: {rows[0]['model']}, batch {rows[0]['batch']}, bank {args.bank}, device {args.device}")
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import DictConfig, open_dict
 
@@ -44,6 +45,36 @@ def test_short_run_learns_and_writes_metrics(cfg: DictConfig) -> None:
         assert f"test/{key}" in written
     # The synthetic benchmark declares extra positives: multi-positive metrics are reported.
     assert {"test/i2t_map_at_r", "test/t2i_rprecision", "test/t2i_any_r1"} <= written.keys()
+
+
+def test_diagnostics_are_logged_on_logging_steps_and_averaged_over_every_step(cfg: DictConfig) -> None:
+    """``fne/<k>_step`` only where the loggers write (every ``log_every_n_steps``), ``fne/<k>_epoch``
+    the mean over all steps of the epoch: the same means as a run that logs every step."""
+    def run(every: int) -> tuple[list[dict[str, str]], dict[str, float]]:
+        out = Path(cfg.paths.output_dir) / f"every{every}"
+        run_cfg = cfg.copy()
+        with open_dict(run_cfg):
+            run_cfg.paths.output_dir = str(out)
+            run_cfg.trainer.log_every_n_steps = every
+            run_cfg.logger = {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(out),
+                                      "name": "csv", "version": ""}}
+        metrics = train(run_cfg)
+        return list(csv.DictReader(open(out / "csv" / "metrics.csv"))), metrics
+
+    rows, metrics = run(1)
+    rows3, metrics3 = run(3)
+    # 160 pairs / 16: 10 steps an epoch, 2 epochs (the first one VSE0 warm-up, the second FNE).
+    steps = [r for r in rows if r.get("fne/pos_mean_step")]
+    assert len(steps) == 20
+    for epoch, key in ((0, "fne/sampled_fn_rate"), (0, "fne/pos_mean"), (1, "fne/sampled_sim"), (1, "fne/fn_base_rate")):
+        values = [float(r[f"{key}_step"]) for r in steps if int(r["epoch"]) == epoch]
+        epoch_row = next(r for r in rows if r.get(f"{key}_epoch") and int(r["epoch"]) == epoch)
+        assert len(values) == 10 and np.std(values) > 0  # the steps differ: a real mean
+        assert float(epoch_row[f"{key}_epoch"]) == pytest.approx(np.mean(values))
+    logged = [int(r["step"]) for r in rows3 if r.get("fne/pos_mean_step")]
+    assert logged == [s for s in range(20) if (s + 1) % 3 == 0]  # Lightning's logging steps
+    for key in ("fne/sampled_sim", "fne/fn_base_rate", "fne/pos_mean", "train/loss"):
+        assert metrics3[key] == pytest.approx(metrics[key], rel=1e-6), key
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

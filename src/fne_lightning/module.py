@@ -60,6 +60,9 @@ class RetrievalModule(L.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_batches = 0
         self._epoch_started = -1  # the epoch whose start the loss was last told of
+        # This epoch's running sums and step counts of the loss's diagnostics (_log_diagnostics).
+        self._diagnostic_sums: dict[str, Tensor] = {}
+        self._diagnostic_counts: dict[str, int] = {}
         self.save_hyperparameters(config or {})
         self.encoder = encoder
         self.loss = loss
@@ -154,10 +157,32 @@ class RetrievalModule(L.LightningModule):
         return self.current_epoch < self.loss.warmup_epochs
 
     def on_train_epoch_start(self) -> None:
+        self._diagnostic_sums, self._diagnostic_counts = {}, {}
         # A new epoch, not a run resuming in the middle of one (its statistics are restored).
         if self._epoch_started != self.current_epoch:
             self._epoch_started = self.current_epoch
             self.loss.on_train_epoch_start()
+
+    def on_train_epoch_end(self) -> None:
+        means = {f"fne/{k}_epoch": total / self._diagnostic_counts[k] for k, total in self._diagnostic_sums.items()}
+        if means:
+            self.log_dict(means, on_step=False, on_epoch=True)
+
+    def _log_diagnostics(self, diagnostics: dict[str, Tensor], batch_size: int) -> None:
+        """The loss's diagnostics as ``fne/<name>_step`` on the steps the loggers write
+        (``trainer.log_every_n_steps``) and ``fne/<name>_epoch``, the mean over every step of the
+        epoch, at its end: the keys ``self.log(on_step=True, on_epoch=True)`` gives. Not that call
+        every step: Lightning's ``self.log`` costs about 0.8 ms a key on a CPU (it walks the stored
+        metric's attributes to move it to the device), 9 ms a step for FNE's eleven keys against
+        its 24 ms VSE++ step; here a step adds each value to a running sum (one op a key)."""
+        sums, counts = self._diagnostic_sums, self._diagnostic_counts
+        for key, value in diagnostics.items():
+            value = value.detach().float()
+            sums[key] = sums[key] + value if key in sums else value
+            counts[key] = counts.get(key, 0) + 1
+        if getattr(self.trainer._logger_connector, "should_update_logs", True):
+            self.log_dict({f"fne/{k}_step": v for k, v in diagnostics.items()}, on_step=True, on_epoch=False,
+                          batch_size=batch_size)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
         images, tokens, image_ids, text_ids = batch
@@ -180,8 +205,7 @@ class RetrievalModule(L.LightningModule):
             return None
         batch_size = images.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"fne/{k}": v for k, v in diagnostics.items()}, on_step=True, on_epoch=True,
-                      batch_size=batch_size)
+        self._log_diagnostics(diagnostics, batch_size)
         # The features go to callbacks (RetrievalFigures' reservoir) through on_train_batch_end.
         return {"loss": loss, "image_features": image_features.detach(), "text_features": text_features.detach()}
 

@@ -55,33 +55,21 @@ class FNEWeights(NamedTuple):
 
 
 @torch.no_grad()
-def false_negative_posterior(
-    scores: Tensor,
+def posterior_coefficients(
     pos_mean: Tensor | float,
     pos_var: Tensor | float,
     neg_mean: Tensor | float,
     neg_var: Tensor | float,
     match_prior: float | Tensor,
+    device: torch.device | str | None = None,
 ) -> Tensor:
-    """p_fn(s) = sigmoid(log N+(s) - log N-(s) - log(1/match_prior - 1)), fp32, same shape.
-
-    ``match_prior``: a float in (0, 1) or a 0-d tensor of such a value (no host sync).
-
-    In log space: the density ratio of two far-apart Gaussians overflows or underflows
-    fp32, its logarithm does not, and sigmoid saturates cleanly to 0 or 1. The log ratio
-    is a quadratic in s; its coefficients are formed in float64 and it is evaluated as
-    (A s + B) s + C on one fp32 buffer (3 passes instead of 8 and one buffer instead of
-    two). The absolute error of the logit is then about 6e-8 (|A| + |B| + |C|): 1e-5 for
-    variances near 0.01, and only near the 1e-6 variance floor (a degenerate fit) as
-    large as 0.1.
-    """
+    """(3,) float32 ``[A, B, C]`` of the posterior's logit ``(A s + B) s + C`` (see
+    :func:`false_negative_posterior`), formed in float64: the same for every score of a step, so a
+    caller scoring two directions forms them once."""
     if not isinstance(match_prior, Tensor) and not 0.0 < match_prior < 1.0:
         raise ValueError(f"match_prior={match_prior}: expected 0 < match_prior < 1")
-    s = scores.float()
-    mp, vp, mn, vn = (
-        torch.as_tensor(x, dtype=torch.float64, device=s.device)
-        for x in (pos_mean, pos_var, neg_mean, neg_var)
-    )
+    mp, vp, mn, vn = (torch.as_tensor(x, dtype=torch.float64, device=device)
+                      for x in (pos_mean, pos_var, neg_mean, neg_var))
     # log N+(s) - log N-(s) = (s - mn)^2 / 2vn - (s - mp)^2 / 2vp + 0.5 log(vn / vp)
     a = 0.5 / vn - 0.5 / vp
     b = mp / vp - mn / vn
@@ -92,8 +80,38 @@ def false_negative_posterior(
         + (torch.logit(match_prior.to(torch.float64)) if isinstance(match_prior, Tensor)
            else -math.log(1.0 / match_prior - 1.0))
     )
-    logit = torch.addcmul(b.float(), s, a.float())  # (B, N), the only buffer
-    return logit.mul_(s).add_(c.float()).sigmoid_()
+    return torch.stack([a, b, c]).float()
+
+
+@torch.no_grad()
+def false_negative_posterior(
+    scores: Tensor,
+    pos_mean: Tensor | float,
+    pos_var: Tensor | float,
+    neg_mean: Tensor | float,
+    neg_var: Tensor | float,
+    match_prior: float | Tensor,
+    coefficients: Tensor | None = None,
+) -> Tensor:
+    """p_fn(s) = sigmoid(log N+(s) - log N-(s) - log(1/match_prior - 1)), fp32, same shape.
+
+    ``match_prior``: a float in (0, 1) or a 0-d tensor of such a value (no host sync).
+    ``coefficients``: :func:`posterior_coefficients` of these arguments, if the caller has them.
+
+    In log space: the density ratio of two far-apart Gaussians overflows or underflows
+    fp32, its logarithm does not, and sigmoid saturates cleanly to 0 or 1. The log ratio
+    is a quadratic in s; its coefficients are formed in float64 and it is evaluated as
+    (A s + B) s + C on one fp32 buffer (3 passes instead of 8 and one buffer instead of
+    two). The absolute error of the logit is then about 6e-8 (|A| + |B| + |C|): 1e-5 for
+    variances near 0.01, and only near the 1e-6 variance floor (a degenerate fit) as
+    large as 0.1.
+    """
+    s = scores.float()
+    if coefficients is None:
+        coefficients = posterior_coefficients(pos_mean, pos_var, neg_mean, neg_var, match_prior, s.device)
+    a, b, c = coefficients.unbind()
+    logit = torch.addcmul(b, s, a)  # (B, N), the only buffer
+    return logit.mul_(s).add_(c).sigmoid_()
 
 
 @torch.no_grad()
@@ -111,6 +129,7 @@ def fne_weights(
     posterior: bool = True,
     exclude: float | None = None,
     cutdown_mean: Tensor | None = None,
+    coefficients: Tensor | None = None,
 ) -> FNEWeights:
     """Sampling weight of every candidate (FNE_SPEC section 6), fp32, no gradient.
 
@@ -123,7 +142,8 @@ def fne_weights(
     probability): candidates with ``p_fn > exclude`` are the flagged ones instead of those
     above ``1 - false_margin``, and their weight is 0 (removed, whatever the weighting; with
     ``posterior=False`` they are only reported). ``cutdown_mean``: the mu+ of the cut-down when
-    it is not the posterior's ``gaussians.pos_mean`` (0-d tensor).
+    it is not the posterior's ``gaussians.pos_mean`` (0-d tensor). ``coefficients``: the
+    posterior's :func:`posterior_coefficients`, if the caller has formed them already.
     """
     if exclude is not None and not 0.0 <= exclude < 1.0:
         raise ValueError(f"exclude={exclude}: expected null or 0 <= exclude < 1")
@@ -131,7 +151,8 @@ def fne_weights(
         raise ValueError(f"weighting={weighting!r}: expected 'reference' or 'complement'")
     g = gaussians
     s = scores.detach().float()  # (B, N); may alias `scores`: never written in place
-    p_fn = false_negative_posterior(s, g.pos_mean, g.pos_var, g.neg_mean, g.neg_var, match_prior)  # (B, N)
+    p_fn = false_negative_posterior(s, g.pos_mean, g.pos_var, g.neg_mean, g.neg_var, match_prior,
+                                    coefficients)  # (B, N)
     # `ready` and `pos_count` gate through 0-d thresholds (+inf: never flagged, -inf: never
     # cut), not through a broadcast bool op over (B, N), which is a slow path on CPU.
     flag_at = 1.0 - false_margin if exclude is None else exclude

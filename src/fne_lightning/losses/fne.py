@@ -17,7 +17,12 @@ from torch import Tensor
 from fne_lightning.errors import check
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.diagnostics import binned_auc, posterior_logit
-from fne_lightning.fne.negatives import fne_weights, hardest_negatives, sample_negatives
+from fne_lightning.fne.negatives import (
+    fne_weights,
+    hardest_negatives,
+    posterior_coefficients,
+    sample_negatives,
+)
 from fne_lightning.fne.stats import VAR_FLOOR, Gaussians, SimilarityStats
 from fne_lightning.losses.base import PosteriorView
 from fne_lightning.losses.vse import TripletLoss, batch_candidates, fn_rate, triplet_hinge
@@ -192,16 +197,21 @@ class FNELoss(TripletLoss):
             valid = cand_valid[None, :] & (cand_image_ids[None, :] != image_ids[:, None])  # (B, Bc + K)
             gaussians = self._gaussians()
             prior = self.prior_estimate.float() if self.prior == "estimated" else self.match_prior
+            # Shared by both directions: the posterior's coefficients and the count of candidates.
+            coefficients = posterior_coefficients(*gaussians[:4], prior, v.device) if self.selection == "sample" else None
+            n_valid = torch.count_nonzero(valid).clamp(min=1)
             truth_i2t = truth_t2i = None
             if self.positives.available:  # which candidates truly match their anchor: (B, Bc + K) each
                 truth_i2t = self.positives.contains(image_ids[:, None], cand_text_ids[None, :])
                 truth_t2i = self.positives.contains(cand_image_ids[None, :], text_ids[:, None])
-        i2t = self._direction(v, i2t_pos, batch_mt, bank.text_features, valid, gaussians, prior, truth_i2t)
-        t2i = self._direction(t, t2i_pos, batch_mv, bank.image_features, valid, gaussians, prior, truth_t2i)
+        i2t = self._direction(v, i2t_pos, batch_mt, bank.text_features, valid, gaussians, prior, truth_i2t,
+                              coefficients, n_valid)
+        t2i = self._direction(t, t2i_pos, batch_mv, bank.image_features, valid, gaussians, prior, truth_t2i,
+                              coefficients, n_valid)
         diagnostics = {k: (i2t.diagnostics[k] + t2i.diagnostics[k]) / 2 for k in i2t.diagnostics}
         if self.prior == "estimated" and self.selection == "sample":
-            n_valid = 2.0 * torch.count_nonzero(valid).double()
-            self._mixture_step(torch.cat([n_valid[None], i2t.mixture_sums + t2i.mixture_sums]), gaussians.ready)
+            both = 2.0 * torch.count_nonzero(valid).double()
+            self._mixture_step(torch.cat([both[None], i2t.mixture_sums + t2i.mixture_sums]), gaussians.ready)
         return i2t.loss + t2i.loss, diagnostics
 
     def _gaussians(self) -> Gaussians:
@@ -232,10 +242,12 @@ class FNELoss(TripletLoss):
 
     def _direction(self, anchors: Tensor, positive_scores: Tensor, batch_candidates: Tensor,
                    bank_candidates: Tensor, valid: Tensor, gaussians: Gaussians, prior: float | Tensor,
-                   truth: Tensor | None) -> _Direction:
+                   truth: Tensor | None, coefficients: Tensor | None = None,
+                   n_valid: Tensor | None = None) -> _Direction:
         """One direction: anchors (B, D) vs batch (Bc, D) + bank (K, D) candidates; ``valid``
-        (B, Bc + K) marks the candidates that may be negatives, ``truth`` (same shape, when the
-        data declares its positives) those that truly match their anchor."""
+        (B, Bc + K) marks the candidates that may be negatives (``n_valid`` of them, at least 1),
+        ``truth`` (same shape, when the data declares its positives) those that truly match their
+        anchor; ``coefficients``: the posterior's (:func:`posterior_coefficients`)."""
         with torch.no_grad():
             # Selection needs no gradient: score all candidates once without autograd, then
             # recompute only the B chosen scores with gradient (no backward through (B, Bc + K)).
@@ -250,7 +262,7 @@ class FNELoss(TripletLoss):
                 w = fne_weights(s, positive_scores.detach(), valid, gaussians, tau=self.tau,
                                 match_prior=prior, false_margin=self.false_margin,
                                 weighting=self.weighting, cutdown=self.cutdown, posterior=self.posterior,
-                                exclude=self.exclude, cutdown_mean=self.stats.pos_mean)
+                                exclude=self.exclude, cutdown_mean=self.stats.pos_mean, coefficients=coefficients)
                 # With exclusion, an anchor left without a weighted candidate takes its hardest
                 # candidate that was not removed (the hardest of all is then a probable match).
                 fallback = ((hard_idx, hard_has) if self.exclude is None or not self.posterior
@@ -265,7 +277,8 @@ class FNELoss(TripletLoss):
         loss = triplet_hinge(negative_scores, positive_scores, self.margin, has)
         with torch.no_grad():
             # count_nonzero, not sum: summing a bool (B, N) mask first converts it to int64.
-            n_valid = torch.count_nonzero(valid).clamp(min=1)
+            if n_valid is None:
+                n_valid = torch.count_nonzero(valid).clamp(min=1)
             zero = n_valid.new_zeros((), dtype=torch.float32)
             diagnostics = {
                 "flagged_rate": zero if flagged is None else torch.count_nonzero(flagged) / n_valid,
