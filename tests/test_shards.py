@@ -397,7 +397,8 @@ def test_evaluation_splits_from_shards_equal_those_of_the_annotations(evaluation
         dm.load_split("train")
 
 
-@pytest.mark.parametrize("case", ["missing_file", "bad_format", "no_val_shards", "missing_shard", "two_images"])
+@pytest.mark.parametrize("case", ["missing_file", "bad_format", "no_val_shards", "missing_shard", "two_images",
+                                  "bad_image"])
 def test_bad_positives_and_evaluation_shards_are_one_clear_line(written, evaluation, cache_dir: Path,
                                                                  tmp_path: Path, case: str) -> None:
     index = written[1]
@@ -415,9 +416,12 @@ def test_bad_positives_and_evaluation_shards_are_one_clear_line(written, evaluat
     elif case == "missing_shard":
         overrides = [*overrides, f"data.eval.test_shards={tmp_path / 'nope.tar'}"]
         expected = "data.eval.test_shards: shard .*nope.tar' not found"
-    else:  # one image id, two different images
+    elif case == "two_images":  # one image id, two different images
         shard = write_tar(tmp_path / "two.tar", [good("x", 0, json={"image_id": 3}), good("y", 1, json={"image_id": 3})])
         overrides, expected = [*overrides, f"data.eval.test_shards={shard}"], "another image than an earlier sample"
+    else:
+        shard = write_tar(tmp_path / "bad.tar", [good("x", 0), {**good("y", 1), "png": b"not a picture"}])
+        overrides, expected = [*overrides, f"data.eval.test_shards={shard}"], "bad.tar: sample 'y': image does not decode"
     with pytest.raises(FNEError, match=expected):
         datamodule(index, cache_dir, *overrides).load_all()
 
