@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def start_entry_point(entry: str, *args: str, cwd: Path, env: dict[str, str] | N
 
 
 # Imported once by the fork server of :func:`run_forked`, so that its children start with them.
+_FORK_LOCK = threading.Lock()
 PRELOAD = ["torch", "lightning", "open_clip", "torchmetrics", "hydra", "fne_lightning.train"]
 
 
@@ -74,14 +76,15 @@ def run_forked(entry: str, *args: str, cwd: Path, env: dict[str, str], timeout: 
     ctx.set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = f"{tmp}/stdout", f"{tmp}/stderr"
-        saved = dict(os.environ)
-        os.environ.update(env)  # the server, if this call starts it, inherits the runs' environment
-        try:
-            child = ctx.Process(target=_entry_child, args=(entry, args, str(cwd), env, out, err))
-            child.start()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        with _FORK_LOCK:  # concurrent callers: one at a time changes (and restores) the environment
+            saved = dict(os.environ)
+            os.environ.update(env)  # the server, if this call starts it, inherits the runs' environment
+            try:
+                child = ctx.Process(target=_entry_child, args=(entry, args, str(cwd), env, out, err))
+                child.start()
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
         child.join(timeout)
         if child.exitcode is None:
             child.kill()

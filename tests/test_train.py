@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 from omegaconf import DictConfig, open_dict
@@ -50,15 +51,15 @@ def test_short_run_learns_and_writes_metrics(cfg: DictConfig) -> None:
 def test_diagnostics_are_logged_on_logging_steps_and_averaged_over_every_step(cfg: DictConfig) -> None:
     """``fne/<k>_step`` only where the loggers write (every ``log_every_n_steps``), ``fne/<k>_epoch``
     the mean over all steps of the epoch: the same means as a run that logs every step."""
-    def run(every: int) -> tuple[list[dict[str, str]], dict[str, float]]:
-        out = Path(cfg.paths.output_dir) / f"every{every}"
+    def run(every: int, *callbacks: L.Callback) -> tuple[list[dict[str, str]], dict[str, float]]:
+        out = Path(cfg.paths.output_dir) / f"every{every}-{len(callbacks)}"
         run_cfg = cfg.copy()
         with open_dict(run_cfg):
             run_cfg.paths.output_dir = str(out)
             run_cfg.trainer.log_every_n_steps = every
             run_cfg.logger = {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(out),
                                       "name": "csv", "version": ""}}
-        metrics = train(run_cfg)
+        metrics = train(run_cfg, callbacks=list(callbacks))
         return list(csv.DictReader(open(out / "csv" / "metrics.csv"))), metrics
 
     rows, metrics = run(1)
@@ -75,6 +76,27 @@ def test_diagnostics_are_logged_on_logging_steps_and_averaged_over_every_step(cf
     assert logged == [s for s in range(20) if (s + 1) % 3 == 0]  # Lightning's logging steps
     for key in ("fne/sampled_sim", "fne/fn_base_rate", "fne/pos_mean", "train/loss"):
         assert metrics3[key] == pytest.approx(metrics[key], rel=1e-6), key
+
+    # A callback that stops the run off a logging step (as max_time does) makes Lightning write that
+    # step: it carries that step's diagnostics, not those of the last logging step. Monitors see the
+    # plain keys (the epoch's means), as self.log(on_step=True, on_epoch=True) left them.
+    class StopAt(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+            if trainer.global_step == 5:  # batch 4 of epoch 0 (steps are counted after the update)
+                trainer.should_stop = True
+
+        def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            self.keys = set(trainer.callback_metrics)
+
+    stop = StopAt()
+    rows_stop, _ = run(3, stop)
+    logged = {int(r["step"]): r for r in rows_stop if r.get("fne/pos_mean_step")}
+    assert sorted(logged) == [2, 4]
+    every_step = {int(r["step"]): r for r in steps}
+    for key in ("fne/pos_mean_step", "fne/sampled_fn_rate_step"):
+        assert float(logged[4][key]) == pytest.approx(float(every_step[4][key]))
+    assert float(every_step[4]["fne/sampled_fn_rate_step"]) != float(every_step[2]["fne/sampled_fn_rate_step"])
+    assert {"fne/pos_mean", "fne/pos_mean_epoch"} <= stop.keys
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -160,6 +160,7 @@ class CaptionDataModule(L.LightningDataModule):
         # Hydra's `_convert_: all` hands dataclass arguments over as dicts.
         self.image_config = ImageConfig(**image_config) if isinstance(image_config, Mapping) else image_config
         self.tokenizer = tokenizer
+        self.config_key = "data"  # how errors name this config (data.eval when it is data=webdataset's)
         self.data: dict[str, CaptionSplit] = {}
         self._images: dict[str, ImageStore] = {}
 
@@ -177,29 +178,30 @@ class CaptionDataModule(L.LightningDataModule):
     def _annotation_path(self, stage: str) -> Path:
         if self.format == "albef":
             if not isinstance(self.annotations, Mapping) or stage not in self.annotations:
-                raise FNEError(f"data.annotations: expected a mapping with a {stage!r} file for format=albef")
+                raise FNEError(f"{self.config_key}.annotations: expected a mapping with a {stage!r} file for "
+                               "format=albef")
             return Path(self.annotations[stage])
         if not isinstance(self.annotations, (str, Path)):
-            raise FNEError("data.annotations: expected the path of a Karpathy JSON file")
+            raise FNEError(f"{self.config_key}.annotations: expected the path of a Karpathy JSON file")
         return Path(self.annotations)
 
     def load_split(self, stage: str) -> CaptionSplit:
         """Parse (once) the annotations of ``stage`` in train/val/test."""
         if stage not in self.data:
             if not Path(self.root).is_dir():
-                raise FNEError(f"data.root={str(self.root)!r}: directory not found")
+                raise FNEError(f"{self.config_key}.root={str(self.root)!r}: directory not found")
             image_root = Path(self.image_root or self.root)
             path = self._annotation_path(stage)
             if self.format == "karpathy":
                 if stage not in self.splits:
-                    raise FNEError(f"data.splits: no entry for stage {stage!r}")
+                    raise FNEError(f"{self.config_key}.splits: no entry for stage {stage!r}")
                 split = load_karpathy(path, image_root, list(self.splits[stage]), stage, self.clean,
                                       positives=None if self.positives is None else Path(self.positives))
             else:
                 split = load_albef(path, image_root, stage, self.clean)
             split = check_images(split, self.on_bad_image)
             if stage == "test" and self.test_folds and split.num_images % self.test_folds:
-                raise FNEError(f"data.test_folds={self.test_folds}: expected a divisor of the "
+                raise FNEError(f"{self.config_key}.test_folds={self.test_folds}: expected a divisor of the "
                                f"{split.num_images} test images")
             self.data[stage] = split
         return self.data[stage]
@@ -340,7 +342,6 @@ class ShardEvalDataModule(CaptionDataModule):
         self.split_positives = {"val": val_positives, "test": test_positives}
         self.image_id_field, self.key_separator = image_id.get("field", "image_id"), image_id.get("key_separator")
         self.text_id_field = text_id_field
-        self.config_key = "data"  # where the keys are named in errors (data.eval under data=webdataset)
         self._blobs: dict[str, list[bytes]] = {}
         # Tables name the dataset after the shards' directory.
         first = next((expand_shards(s) for s in (test_shards, val_shards) if s), [])
@@ -367,7 +368,7 @@ class ShardEvalDataModule(CaptionDataModule):
             split, blobs = read_split(urls, stage, self.clean, key, self.image_id_field, self.key_separator,
                                       self.text_id_field, self.on_bad_image,
                                       resolve_positives(self.split_positives[stage], urls, positives_key),
-                                      positives_key)
+                                      positives_key, f"{self.config_key}.on_bad_image")
             if stage == "test" and self.test_folds and split.num_images % self.test_folds:
                 raise FNEError(f"{self.config_key}.test_folds={self.test_folds}: expected a divisor of the "
                                f"{split.num_images} test images")
@@ -450,8 +451,7 @@ class ShardDataModule(L.LightningDataModule):
         image_id = dict(image_id or {})
         unknown = set(image_id) - {"field", "key_separator"}
         check(not unknown, "data.image_id", "the keys field and key_separator", sorted(unknown))
-        if isinstance(eval, ShardEvalDataModule):
-            eval.config_key = "data.eval"
+        eval.config_key = "data.eval"  # its errors at set-up name data.eval.<key>
         self.train_shards, self.train_num_samples, self.eval = train_shards, train_num_samples, eval
         self.batch_size, self.resampled, self.shuffle_buffer = batch_size, resampled, shuffle_buffer
         self.num_workers, self.pin_memory = resolve_loader_settings(num_workers, pin_memory)

@@ -63,6 +63,7 @@ class RetrievalModule(L.LightningModule):
         # This epoch's running sums and step counts of the loss's diagnostics (_log_diagnostics).
         self._diagnostic_sums: dict[str, Tensor] = {}
         self._diagnostic_counts: dict[str, int] = {}
+        self._step_diagnostics: tuple[dict[str, Tensor], int] | None = None
         self.save_hyperparameters(config or {})
         self.encoder = encoder
         self.loss = loss
@@ -164,9 +165,12 @@ class RetrievalModule(L.LightningModule):
             self.loss.on_train_epoch_start()
 
     def on_train_epoch_end(self) -> None:
-        means = {f"fne/{k}_epoch": total / self._diagnostic_counts[k] for k, total in self._diagnostic_sums.items()}
+        means = {k: total / self._diagnostic_counts[k] for k, total in self._diagnostic_sums.items()}
         if means:
-            self.log_dict(means, on_step=False, on_epoch=True)
+            self.log_dict({f"fne/{k}_epoch": v for k, v in means.items()}, on_step=False, on_epoch=True)
+            # As self.log(on_step=True, on_epoch=True) leaves them for monitors (ModelCheckpoint,
+            # EarlyStopping, optimized_metric=fne/...): the plain keys hold the epoch's means.
+            self.log_dict({f"fne/{k}": v for k, v in means.items()}, on_step=False, on_epoch=True, logger=False)
 
     def _log_diagnostics(self, diagnostics: dict[str, Tensor], batch_size: int) -> None:
         """The loss's diagnostics as ``fne/<name>_step`` on the steps the loggers write
@@ -180,7 +184,16 @@ class RetrievalModule(L.LightningModule):
             value = value.detach().float()
             sums[key] = sums[key] + value if key in sums else value
             counts[key] = counts.get(key, 0) + 1
-        if getattr(self.trainer._logger_connector, "should_update_logs", True):
+        self._step_diagnostics = (diagnostics, batch_size)  # logged in on_train_batch_end if it is written
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the callbacks' hooks (one of them may stop the run, which makes this step a written
+        # one) and before Lightning writes the step's metrics: log this step's diagnostics then.
+        pending, self._step_diagnostics = self._step_diagnostics, None
+        trainer = self.trainer
+        if pending is not None and (getattr(trainer._logger_connector, "should_update_logs", True)
+                                    or trainer.fast_dev_run):
+            diagnostics, batch_size = pending
             self.log_dict({f"fne/{k}_step": v for k, v in diagnostics.items()}, on_step=True, on_epoch=False,
                           batch_size=batch_size)
 

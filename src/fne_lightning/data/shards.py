@@ -150,8 +150,9 @@ class BadInputHandler:
     """
 
     def __init__(self, on_bad_image: str, where: Callable[[], str], skipped: Any,
-                 exit_status: Callable[[], int | None] = lambda: None) -> None:
+                 exit_status: Callable[[], int | None] = lambda: None, key: str = "data.on_bad_image") -> None:
         self.on_bad_image, self.where, self.skipped, self.exit_status = on_bad_image, where, skipped, exit_status
+        self.key = key  # the setting, as errors and logs name it
 
     def describe(self, exn: Exception) -> str:
         if isinstance(exn, BadSample):
@@ -178,11 +179,11 @@ class BadInputHandler:
             raise exn
         message = self.describe(exn)
         if self.on_bad_image == "error":
-            raise FNEError(f"{message} (data.on_bad_image=skip skips bad samples and shards)")
+            raise FNEError(f"{message} ({self.key}=skip skips bad samples and shards)")
         with self.skipped.get_lock():
             self.skipped.value += 1
             count = self.skipped.value
-        log.warning("skipped %s (%d skipped so far, data.on_bad_image=skip)", message, count)
+        log.warning("skipped %s (%d skipped so far, %s=skip)", message, count, self.key)
         return True  # continue with the next sample or shard
 
 
@@ -420,18 +421,24 @@ POSITIVES_FORMAT = '{"<image_id>": [text_id, ...]}'
 
 def find_positives(urls: Sequence[str]) -> Path | None:
     """The positives file that the ``make_shards`` index beside the first shard names, if any
-    (local shards only: an index is any ``*.json`` there whose ``shards`` list that shard)."""
-    path = local_path(urls[0]) if urls else None
-    if path is None:
+    (local shards only: an index is any ``*.json`` there whose ``shards`` list that shard), and
+    only when that index lists every shard of ``urls``."""
+    paths = [local_path(u) for u in urls]
+    if not paths or None in paths:
         return None
-    shard = Path(path)
+    shard = Path(paths[0])
     for candidate in sorted(shard.parent.glob("*.json")):
         try:
             index = json.loads(candidate.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         entries = index.get("shards") if isinstance(index, dict) else None
-        if isinstance(entries, list) and any(isinstance(e, dict) and e.get("name") == shard.name for e in entries):
+        names = {e.get("name") for e in entries if isinstance(e, dict)} if isinstance(entries, list) else set()
+        if shard.name in names:
+            # Another index's shards share its ids (caption indices, image ids) but not its positives.
+            if any(Path(p).parent != shard.parent or Path(p).name not in names for p in paths):
+                log.warning("not using %s for the positives: not every shard of the list is in its index", candidate)
+                return None
             name = index.get("positives")
             return shard.parent / name if isinstance(name, str) else None
     return None
@@ -472,14 +479,16 @@ def stream_positives(path: Path, key: str) -> np.ndarray:
 def read_split(urls: Sequence[str], name: str, clean: Callable[[str], str], key: str,
                image_id_field: str | None = "image_id", key_separator: str | None = None,
                text_id_field: str | None = "text_id", on_bad_image: str = "error",
-               positives: Path | None = None, positives_key: str = "positives") -> tuple[CaptionSplit, list[bytes]]:
+               positives: Path | None = None, positives_key: str = "positives",
+               bad_input_key: str = "data.on_bad_image") -> tuple[CaptionSplit, list[bytes]]:
     """A whole evaluation split read from shards into memory: its :class:`CaptionSplit` (unique
     images by image id, every caption; in text-id order, which is the annotations' order for shards
     that ``make_shards`` wrote) and each image's encoded bytes. ``positives``: a file of
     :data:`POSITIVES_FORMAT` in the shards' ids (``positives_key`` names it in errors); ``key`` names
-    the shard list in errors. Bad input as for training (``on_bad_image``)."""
+    the shard list in errors, ``bad_input_key`` the ``on_bad_image`` setting. Bad input as for training (``on_bad_image``)."""
     reader = _Reader(set())
-    handler = BadInputHandler(on_bad_image, reader.where, multiprocessing.Value("q", 0), reader.exit_status)
+    handler = BadInputHandler(on_bad_image, reader.where, multiprocessing.Value("q", 0), reader.exit_status,
+                              key=bad_input_key)
     parse = functools.partial(parse_sample, image_id_field=image_id_field, key_separator=key_separator,
                               text_id_field=text_id_field)
     samples = sorted(wds.map(parse, handler=handler)(reader.samples(urls, handler)), key=lambda s: s["text_id"])
@@ -499,7 +508,7 @@ def read_split(urls: Sequence[str], name: str, clean: Callable[[str], str], key:
             if not caption:
                 raise BadSample(f"{where}: caption {sample['txt'][:80]!r} is empty after preprocessing")
             if image_id in bad_images:
-                continue
+                raise BadSample(f"{where}: its image (id {image_id}) did not decode in an earlier sample")
             i = index.get(image_id)
             if i is None:
                 if problem := image_problem(sample["image"]):
