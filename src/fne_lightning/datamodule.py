@@ -58,6 +58,16 @@ STAGES = ("train", "val", "test")
 
 
 MAX_AUTO_WORKERS = 4
+# The evaluation splits each Lightning stage needs (modules whose training split is a stream).
+EVAL_SPLITS = {"fit": ("val",), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+def image_id_settings(image_id: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """(json field, key separator) of a ``data.image_id`` mapping for shards, checked."""
+    image_id = dict(image_id or {})
+    unknown = set(image_id) - {"field", "key_separator"}
+    check(not unknown, "data.image_id", "the keys field and key_separator", sorted(unknown))
+    return image_id.get("field", "image_id"), image_id.get("key_separator")
 
 
 def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str) -> tuple[int, bool]:
@@ -334,13 +344,10 @@ class ShardEvalDataModule(CaptionDataModule):
             check(kwargs.get(key) is None, f"data.{key}", "no value for shards (val_shards / test_shards name them)",
                   kwargs.get(key))
             kwargs.pop(key, None)
-        image_id = dict(image_id or {})
-        unknown = set(image_id) - {"field", "key_separator"}
-        check(not unknown, "data.image_id", "the keys field and key_separator", sorted(unknown))
         super().__init__(root="", **kwargs)
         self.split_shards = {"val": val_shards, "test": test_shards}
         self.split_positives = {"val": val_positives, "test": test_positives}
-        self.image_id_field, self.key_separator = image_id.get("field", "image_id"), image_id.get("key_separator")
+        self.image_id_field, self.key_separator = image_id_settings(image_id)
         self.text_id_field = text_id_field
         self._blobs: dict[str, list[bytes]] = {}
         # Tables name the dataset after the shards' directory.
@@ -382,8 +389,7 @@ class ShardEvalDataModule(CaptionDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.image_config is None or self.tokenizer is None:
             raise RuntimeError("ShardEvalDataModule needs image_config and tokenizer from the encoder")
-        wanted = {"fit": ("val",), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for name in wanted.get(stage, ("val", "test")) if stage else ("val", "test"):
+        for name in EVAL_SPLITS.get(stage, ("val", "test")) if stage else ("val", "test"):
             self.load_split(name)
 
     def _store(self, stage: str) -> ImageStore:
@@ -448,14 +454,11 @@ class ShardDataModule(L.LightningDataModule):
               shuffle_buffer)
         check(isinstance(resampled, bool), "data.resampled", "true or false", resampled)
         check(on_bad_image in ("error", "skip"), "data.on_bad_image", "error or skip", on_bad_image)
-        image_id = dict(image_id or {})
-        unknown = set(image_id) - {"field", "key_separator"}
-        check(not unknown, "data.image_id", "the keys field and key_separator", sorted(unknown))
         eval.config_key = "data.eval"  # its errors at set-up name data.eval.<key>
         self.train_shards, self.train_num_samples, self.eval = train_shards, train_num_samples, eval
         self.batch_size, self.resampled, self.shuffle_buffer = batch_size, resampled, shuffle_buffer
         self.num_workers, self.pin_memory = resolve_loader_settings(num_workers, pin_memory)
-        self.image_id_field, self.key_separator = image_id.get("field", "image_id"), image_id.get("key_separator")
+        self.image_id_field, self.key_separator = image_id_settings(image_id)
         self.text_id_field, self.train_positives = text_id_field, train_positives
         self._train_split: CaptionSplit | None = None
         self.on_bad_image = on_bad_image
@@ -522,8 +525,7 @@ class ShardDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.image_config is None or self.tokenizer is None:
             raise RuntimeError("ShardDataModule needs image_config and tokenizer from the encoder")
-        wanted = {"fit": ("val",), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for name in wanted.get(stage, ("val", "test")) if stage else ("val", "test"):
+        for name in EVAL_SPLITS.get(stage, ("val", "test")) if stage else ("val", "test"):
             self.eval.load_split(name)
 
     def train_dataloader(self) -> ShardLoader:
