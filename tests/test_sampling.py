@@ -12,6 +12,7 @@ import torch
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.negatives import (
     false_negative_posterior,
+    first_max_index,
     fne_weights,
     hardest_negatives,
     sample_negatives,
@@ -225,6 +226,24 @@ def test_zero_weight_and_invalid_never_drawn_and_fallbacks():
     index, has_negative = hardest_negatives(scores, valid)
     assert index.tolist()[0] == 2 and index.tolist()[2] == 2 and index.tolist()[3] == 3
     assert has_negative.tolist() == [True, False, True, True]
+
+
+@pytest.mark.parametrize("n", [5, 128, 130, 8256])
+def test_first_max_index_is_the_first_maximum_of_each_row(n: int) -> None:
+    """The two-level search against a plain loop: ties (within a block, across blocks, between the
+    blocks and the columns past the last block), rows of -inf, the maximum in the tail."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(-3, 4, (9, n), generator=gen).float()  # few distinct values: many ties
+    x[1] = float("-inf")  # no valid candidate: index 0
+    x[2, -1] = 10.0  # the maximum past the last whole block
+    x[3, 0] = x[3, -1] = 10.0  # a tie between the first and the last column
+    x[4, n // 2] = x[4, -1] = 10.0
+    x[5] = torch.randn(n, generator=gen)
+    x[6, : n // 2] = float("-inf")
+    for rows in (x, x.flip(1), x.T.contiguous().T):  # also a column-major view
+        expected = [max(range(n), key=lambda j, row=row: (row[j], -j)) for row in rows.tolist()]
+        assert first_max_index(rows).tolist() == expected
+        assert first_max_index(rows).tolist() == rows.max(dim=1).indices.tolist()
 
 
 def test_pipeline_never_samples_positives():
