@@ -12,12 +12,14 @@ through the real entry points, one subprocess per run, and reads each run's ``me
 The warm-up's variance is shared by all methods of a seed, so per-seed differences between
 methods measure the methods. Prints one JSON object per method (mean and std over seeds of test
 rsum, mAP@R and R-Precision in both directions, sampled and hardest FN rates) and per method
-against ``vsepp`` (per-seed paired differences, their mean and a 95% t-interval), and writes both
-as markdown and JSON into ``--out``. Runs whose ``metrics.json`` exists are skipped, so an
+against ``vsepp`` and against the published ``fne`` (per-seed paired differences, their mean and a
+95% t-interval), and writes them as markdown and JSON into ``--out``. Runs whose ``metrics.json`` exists are skipped, so an
 interrupted benchmark resumes.
 
     python benchmarks/synthetic_fn.py --seeds 0 1 2 3 4       # the README table (35-45 min on 2 cores)
     python benchmarks/synthetic_fn.py --seeds 0 --smoke        # tiny data, 1 epoch each: checks it runs
+    python benchmarks/synthetic_fn.py --rebase benchmarks/results/synthetic_fn_2026-12-02.json
+                                          # no runs: the stored result's variants against fne
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ COLUMNS = {
     "sampled_fn_rate": lambda m: 100 * m["fne/sampled_fn_rate"],
     "hardest_fn_rate": lambda m: 100 * m["fne/hardest_fn_rate"],
 }
+PAIRED = ("test_rsum", "map_at_r", "rprecision", "sampled_fn_rate")
 # Two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 seeds).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -103,6 +106,14 @@ def summarise(results: dict[str, dict[int, dict[str, float]]]) -> list[dict[str,
     return rows
 
 
+def interval(diffs: list[float]) -> dict[str, object]:
+    """Per-seed differences, their mean and the 95% t-interval of the mean (n - 1 degrees of freedom)."""
+    mean, std = mean_std(diffs)
+    half = T95.get(len(diffs) - 1, 1.96) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return {"diffs": [round(d, 2) for d in diffs], "mean": round(mean, 2),
+            "ci95": [round(mean - half, 2), round(mean + half, 2)]}
+
+
 def paired(results: dict[str, dict[int, dict[str, float]]], baseline: str = "vsepp") -> list[dict[str, object]]:
     """Per-seed differences method - baseline (same pretrained start), mean and 95% t-interval."""
     rows = []
@@ -111,29 +122,50 @@ def paired(results: dict[str, dict[int, dict[str, float]]], baseline: str = "vse
             continue
         seeds = sorted(set(by_seed) & set(results[baseline]))
         row: dict[str, object] = {"method": method, "baseline": baseline, "seeds": seeds}
-        for name in ("test_rsum", "map_at_r", "rprecision", "sampled_fn_rate"):
+        for name in PAIRED:
             get = COLUMNS[name]
-            diffs = [get(by_seed[s]) - get(results[baseline][s]) for s in seeds]
-            mean, std = mean_std(diffs)
-            half = T95.get(len(diffs) - 1, 1.96) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-            row[name] = {"diffs": [round(d, 2) for d in diffs], "mean": round(mean, 2),
-                         "ci95": [round(mean - half, 2), round(mean + half, 2)]}
+            row[name] = interval([get(by_seed[s]) - get(results[baseline][s]) for s in seeds])
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, object]], pairs: list[dict[str, object]]) -> str:
+def rebase(pairs: list[dict[str, object]], baseline: str) -> list[dict[str, object]]:
+    """The paired rows against ``baseline`` from rows against another method (a stored result file
+    keeps only the differences): (m - old) - (baseline - old) per seed is m - baseline, and the old
+    baseline itself is -(baseline - old)."""
+    by_method = {p["method"]: p for p in pairs}
+    if baseline not in by_method:
+        raise SystemExit(f"rebase: no paired row for {baseline!r} (have: {', '.join(by_method)})")
+    base = by_method[baseline]
+    old = {"method": base["baseline"], "baseline": base["baseline"], "seeds": base["seeds"],
+           **{name: {"diffs": [0.0] * len(base["seeds"])} for name in PAIRED}}
+    rows = []
+    for p in [old, *pairs]:
+        if p["method"] == baseline:
+            continue
+        if p["seeds"] != base["seeds"]:
+            raise SystemExit(f"rebase: {p['method']} has seeds {p['seeds']}, {baseline} has {base['seeds']}")
+        rows.append({"method": p["method"], "baseline": baseline, "seeds": p["seeds"],
+                     **{name: interval([a - b for a, b in zip(p[name]["diffs"], base[name]["diffs"], strict=True)])
+                        for name in PAIRED}})
+    return rows
+
+
+def markdown(rows: list[dict[str, object]], *pair_tables: list[dict[str, object]]) -> str:
     cell = lambda r, k: f"{r[k]:.1f} ± {r[k + '_std']:.1f}"  # noqa: E731
-    text = ("| method | test rsum | mAP@R (%) | i2t / t2i mAP@R | R-Precision (%) | sampled FN (%) | hardest FN (%) |\n"
-            "|---|---|---|---|---|---|---|\n")
-    text += "".join(f"| {r['method']} | {cell(r, 'test_rsum')} | {cell(r, 'map_at_r')} | "
-                    f"{r['i2t_map_at_r']:.1f} / {r['t2i_map_at_r']:.1f} | {cell(r, 'rprecision')} | "
-                    f"{cell(r, 'sampled_fn_rate')} | {cell(r, 'hardest_fn_rate')} |\n" for r in rows)
-    text += ("\n| method - vsepp (paired by seed) | rsum: mean [95% CI] | mAP@R: mean [95% CI] | "
-             "R-Precision: mean [95% CI] | per-seed rsum differences |\n|---|---|---|---|---|\n")
+    text = ""
+    if rows:
+        text += ("| method | test rsum | mAP@R (%) | i2t / t2i mAP@R | R-Precision (%) | sampled FN (%) | hardest FN (%) |\n"
+                 "|---|---|---|---|---|---|---|\n")
+        text += "".join(f"| {r['method']} | {cell(r, 'test_rsum')} | {cell(r, 'map_at_r')} | "
+                        f"{r['i2t_map_at_r']:.1f} / {r['t2i_map_at_r']:.1f} | {cell(r, 'rprecision')} | "
+                        f"{cell(r, 'sampled_fn_rate')} | {cell(r, 'hardest_fn_rate')} |\n" for r in rows)
     fmt = lambda d: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
-    text += "".join(f"| {p['method']} | {fmt(p['test_rsum'])} | {fmt(p['map_at_r'])} | {fmt(p['rprecision'])} | "
-                    f"{', '.join(f'{d:+.1f}' for d in p['test_rsum']['diffs'])} |\n" for p in pairs)
+    for pairs in filter(None, pair_tables):
+        text += (f"\n| method - {pairs[0]['baseline']} (paired by seed) | rsum: mean [95% CI] | mAP@R: mean [95% CI] | "
+                 "R-Precision: mean [95% CI] | per-seed rsum differences |\n|---|---|---|---|---|\n")
+        text += "".join(f"| {p['method']} | {fmt(p['test_rsum'])} | {fmt(p['map_at_r'])} | {fmt(p['rprecision'])} | "
+                        f"{', '.join(f'{d:+.1f}' for d in p['test_rsum']['diffs'])} |\n" for p in pairs)
     return text
 
 
@@ -143,8 +175,20 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_synthetic_fn"))
     parser.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch per phase (checks the script runs)")
+    parser.add_argument("--rebase", type=Path, metavar="JSON",
+                        help="no runs: print the paired table against fne from a stored synthetic_fn.json")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    if args.rebase is not None:
+        try:
+            pairs = json.loads(args.rebase.read_text())["paired"]
+        except (OSError, ValueError, KeyError) as err:
+            sys.exit(f"--rebase {args.rebase}: expected a synthetic_fn.json with a 'paired' list ({err})")
+        rebased = rebase(pairs, "fne")
+        for row in rebased:
+            print(json.dumps(row))
+        print("\n" + markdown([], rebased))
+        return
     extra = (SMOKE if args.smoke else []) + args.overrides
     fine_extra = extra + (["trainer.max_epochs=1"] if args.smoke else [])
     results: dict[str, dict[int, dict[str, float]]] = {m: {} for m in args.methods}
@@ -152,14 +196,16 @@ def main() -> None:
         export = pretrained(seed, args.out, extra, epochs=1 if args.smoke else 10)
         for method in args.methods:
             results[method][seed] = finetune(method, seed, export, args.out, fine_extra)
-    rows, pairs = summarise(results), paired(results)
-    for row in [*rows, *pairs]:
+    # Against VSE++ (does it help?) and against the published rule (does a variant improve on it?).
+    rows, pairs, pairs_fne = summarise(results), paired(results), paired(results, "fne")
+    for row in [*rows, *pairs, *pairs_fne]:
         print(json.dumps(row))
-    table = markdown(rows, pairs)
+    table = markdown(rows, pairs, pairs_fne)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "synthetic_fn.md").write_text(table)
-    (args.out / "synthetic_fn.json").write_text(json.dumps({"methods": rows, "paired": pairs}, indent=1))
+    (args.out / "synthetic_fn.json").write_text(json.dumps({"methods": rows, "paired": pairs, "paired_fne": pairs_fne},
+                                                           indent=1))
 
 
 if __name__ == "__main__":

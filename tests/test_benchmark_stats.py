@@ -1,0 +1,77 @@
+"""The paired statistics of benchmarks/synthetic_fn.py: differences, t-intervals, rebasing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "synthetic_fn.py"
+
+
+@pytest.fixture(scope="module")
+def synthetic_fn():
+    spec = importlib.util.spec_from_file_location("synthetic_fn", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def metrics(rsum: float, i2t: float, t2i: float, sampled: float) -> dict[str, float]:
+    return {"test/rsum": rsum, "test/i2t_map_at_r": i2t, "test/t2i_map_at_r": t2i,
+            "test/i2t_rprecision": i2t + 1, "test/t2i_rprecision": t2i + 1,
+            "fne/sampled_fn_rate": sampled, "fne/hardest_fn_rate": 0.2}
+
+
+RESULTS = {  # three methods, three seeds; every difference is non-zero and differs by seed
+    "vsepp": {0: metrics(300.0, 10.0, 20.0, 0.15), 1: metrics(320.0, 12.0, 22.0, 0.14), 2: metrics(310.0, 11.0, 21.0, 0.16)},
+    "fne": {0: metrics(305.0, 10.5, 20.5, 0.12), 1: metrics(321.0, 12.0, 23.0, 0.12), 2: metrics(318.0, 11.0, 22.0, 0.13)},
+    "fne_x": {0: metrics(301.0, 11.0, 21.0, 0.06), 1: metrics(330.0, 13.0, 23.0, 0.07), 2: metrics(313.0, 12.0, 21.0, 0.05)},
+}
+
+
+def test_paired_differences_and_t_interval_against_a_hand_computation(synthetic_fn) -> None:
+    rows = {r["method"]: r for r in synthetic_fn.paired(RESULTS, "fne")}
+    assert set(rows) == {"vsepp", "fne_x"}
+    diffs = [301.0 - 305.0, 330.0 - 321.0, 313.0 - 318.0]  # fne_x - fne, per seed
+    half = 4.303 * statistics.stdev(diffs) / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    rsum = rows["fne_x"]["test_rsum"]
+    assert rsum["diffs"] == pytest.approx(diffs)
+    assert rsum["mean"] == pytest.approx(statistics.fmean(diffs), abs=0.01)
+    assert rsum["ci95"] == pytest.approx([statistics.fmean(diffs) - half, statistics.fmean(diffs) + half], abs=0.01)
+    # mAP@R is the mean of both directions; FN rates are in percent.
+    assert rows["fne_x"]["map_at_r"]["diffs"] == pytest.approx([0.5, 0.5, 0.0])
+    assert rows["fne_x"]["sampled_fn_rate"]["diffs"] == pytest.approx([-6.0, -5.0, -8.0])
+
+
+def test_rebase_equals_pairing_against_the_new_baseline(synthetic_fn) -> None:
+    """A stored result keeps only the differences against vsepp; rebasing them onto fne must give
+    what pairing against fne gives from the raw metrics (vsepp included, as -(fne - vsepp))."""
+    rebased = {r["method"]: r for r in synthetic_fn.rebase(synthetic_fn.paired(RESULTS, "vsepp"), "fne")}
+    direct = {r["method"]: r for r in synthetic_fn.paired(RESULTS, "fne")}
+    assert set(rebased) == set(direct) == {"vsepp", "fne_x"}
+    for method, row in direct.items():
+        for name in synthetic_fn.PAIRED:
+            assert rebased[method][name]["diffs"] == pytest.approx(row[name]["diffs"], abs=0.011)
+            assert rebased[method][name]["ci95"] == pytest.approx(row[name]["ci95"], abs=0.02)
+
+
+def test_rebase_from_a_stored_file_and_a_bad_file(synthetic_fn, tmp_path: Path) -> None:
+    stored = tmp_path / "synthetic_fn.json"
+    stored.write_text(json.dumps({"methods": [], "paired": synthetic_fn.paired(RESULTS, "vsepp")}))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rebase", str(stored)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| method - fne (paired by seed) |" in proc.stdout
+    assert "| fne_x | +0.00 [-19.40, +19.40] |" in proc.stdout  # rsum -4, +9, -5: mean 0, half-width 4.303 sd / sqrt 3
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"methods": []}')
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rebase", str(bad)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [f"--rebase {bad}: expected a synthetic_fn.json with a 'paired' list "
+                                                "('paired')"]
