@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -45,9 +46,13 @@ _FORK_LOCK = threading.Lock()
 PRELOAD = ["torch", "lightning", "open_clip", "torchmetrics", "hydra", "fne_lightning.train"]
 
 
-def _entry_child(entry: str, args: Sequence[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+def _entry_child(entry: str, args: Sequence[str], cwd: str, env: dict[str, str], out: str, err: str,
+                 status: str) -> None:
     """In a child of the fork server: ``python -m fne_lightning.<entry> args...`` as ``-m`` runs it,
-    with its own working directory, environment and output files."""
+    with its own working directory, environment and output files. The exit status the interpreter
+    would give it (SystemExit's code, 1 for an uncaught exception) is also written to ``status``:
+    under load the fork server can fail to report a child's exit code, and the parent then reads
+    255 (CPython issue 140867)."""
     import runpy
 
     os.chdir(cwd)
@@ -58,7 +63,28 @@ def _entry_child(entry: str, args: Sequence[str], cwd: str, env: dict[str, str],
             os.dup2(f.fileno(), fd)
     module = f"fne_lightning.{entry}"
     sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    code = 1  # an uncaught exception: its traceback goes to stderr, as with `python -m`
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exit_:
+        code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+        raise
+    finally:
+        Path(status).write_text(str(code))
+
+
+def _running(pid: int | None) -> bool:
+    """Whether a process ``pid`` exists (a zombie not yet reaped counts)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else (a reused pid)
+        return True
+    return True
 
 
 def run_forked(entry: str, *args: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -66,7 +92,7 @@ def run_forked(entry: str, *args: str, cwd: Path, env: dict[str, str], timeout: 
     once (``multiprocessing``'s forkserver), instead of a new interpreter that imports them again
     (about 8 s of CPU each here). The run is otherwise the same: its own process, working directory,
     environment, stdout, stderr and exit status (SystemExit's code; 1 for an uncaught exception,
-    whose traceback goes to stderr). The server starts with the environment of the first call;
+    whose traceback goes to stderr; recorded by the child itself, see :func:`_entry_child`). The server starts with the environment of the first call;
     libraries that read the environment when imported see that one, so every call must pass the
     same ``env``."""
     import multiprocessing
@@ -75,12 +101,12 @@ def run_forked(entry: str, *args: str, cwd: Path, env: dict[str, str], timeout: 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory() as tmp:
-        out, err = f"{tmp}/stdout", f"{tmp}/stderr"
+        out, err, status = f"{tmp}/stdout", f"{tmp}/stderr", Path(tmp) / "status"
         with _FORK_LOCK:  # concurrent callers: one at a time changes (and restores) the environment
             saved = dict(os.environ)
             os.environ.update(env)  # the server, if this call starts it, inherits the runs' environment
             try:
-                child = ctx.Process(target=_entry_child, args=(entry, args, str(cwd), env, out, err))
+                child = ctx.Process(target=_entry_child, args=(entry, args, str(cwd), env, out, err, str(status)))
                 child.start()
             finally:
                 os.environ.clear()
@@ -91,7 +117,15 @@ def run_forked(entry: str, *args: str, cwd: Path, env: dict[str, str], timeout: 
             child.join()
             raise subprocess.TimeoutExpired(command(entry, *args), timeout)
         read = lambda path: Path(path).read_text(errors="replace") if Path(path).exists() else ""  # noqa: E731
-        return subprocess.CompletedProcess(command(entry, *args), child.exitcode, read(out), read(err))
+        # The child's own record of its exit status; the fork server's report when there is none
+        # (killed by a signal, or died before it could write it). A lost report can also end the
+        # join early: then wait for the child itself to be gone (it is the fork server's child,
+        # so only its pid can be watched).
+        deadline = time.monotonic() + 60
+        while not status.is_file() and _running(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = int(status.read_text()) if status.is_file() else child.exitcode
+        return subprocess.CompletedProcess(command(entry, *args), code, read(out), read(err))
 
 
 def compose_task(task: str, overrides: list[str], output_dir: Path) -> DictConfig:
