@@ -99,6 +99,22 @@ CONFIG_CASES = {
     "model_name": (["model.name=ViT-Q-99"], "model.name='ViT-Q-99'"),
     "weights_offline": (["model=clip_vit_b32"], "could not load pretrained weights 'openai'"),
     "missing_checkpoint": (["ckpt_path=/no/such/last.ckpt"], "ckpt_path='/no/such/last.ckpt': file not found"),
+    # A value the config leaves ??? (required).
+    "missing_value": (["data.root=/tmp", "experiment=none", "data=karpathy"],
+                      "data.annotations: expected a value, none given (??? in the config: required); "
+                      "give data.annotations=..."),
+}
+# data=webdataset's evaluation config names its keys data.eval.<key>: the constructor's checks, the
+# shard evaluation module's own and the annotation readers' alike (missing_keys/dataset.json: the
+# Karpathy JSON without an 'images' list of the data case of that name).
+WEBDATASET_CASES = {
+    "eval_batch_size": (["data.eval.eval_batch_size=0"], "data.eval.eval_batch_size=0: expected a positive integer"),
+    "eval_shards_root": (["data@data.eval=webdataset_eval", "data.eval.val_shards=/v.tar", "+data.eval.root=/x"],
+                         "data.eval.root='/x': expected no value for shards"),
+    "eval_reader": (["data@data.eval=karpathy", "data.eval.root=missing_keys",  # relative to the runs' cwd
+                     "data.eval.annotations=missing_keys/dataset.json"],
+                    "data.eval.annotations='missing_keys/dataset.json': expected a Karpathy JSON object with an "
+                    "'images' list"),
 }
 HYDRA_CASES = {"unknown_model": "model=nope", "unknown_loss": "loss=nope", "unknown_data": "data=nope"}
 
@@ -134,12 +150,19 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[
     jobs["synthetic_root"] = ["+data.root=/data/flickr30k"]
     for name, arg in HYDRA_CASES.items():
         jobs[name] = [arg]
+    # An empty file as the training shard: the evaluation config is read (and fails) before it.
+    (base / "train.tar").touch()
+    for name, (args, _) in WEBDATASET_CASES.items():
+        jobs[name] = ["experiment=none", "data=webdataset", f"data.train_shards={base / 'train.tar'}",
+                      "data.train_num_samples=10", *args]
 
     env = offline_env(OMP_NUM_THREADS="1")
 
     def launch(item: tuple[str, list[str]]) -> tuple[str, subprocess.CompletedProcess]:
         name, args = item
-        return name, run_forked("train", *TINY, *args, f"hydra.run.dir={base / 'runs' / name}", cwd=base, env=env)
+        # data=webdataset has no data.eval_batch_size: only the tiny run's other settings.
+        tiny = [o for o in TINY if not o.startswith("data.")] if name in WEBDATASET_CASES else TINY
+        return name, run_forked("train", *tiny, *args, f"hydra.run.dir={base / 'runs' / name}", cwd=base, env=env)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(pool.map(launch, jobs.items()))
@@ -148,6 +171,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[
 EXPECTED = {
     **{name: culprit for name, (_, culprit) in DATA_CASES.items()},
     **{name: culprit for name, (_, culprit) in CONFIG_CASES.items()},
+    **{name: culprit for name, (_, culprit) in WEBDATASET_CASES.items()},
     "data_root": "data.root='/no/such/dir': directory not found",
     "annotation_file": "nope.json': annotation file not found",
     "checkpoint_shape": "does not fit the requested model (trained with model.name='fne-tiny'",

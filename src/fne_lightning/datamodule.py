@@ -62,16 +62,16 @@ MAX_AUTO_WORKERS = 4
 EVAL_SPLITS = {"fit": ("val",), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
-def image_id_settings(image_id: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
-    """(json field, key separator) of a ``data.image_id`` mapping for shards, checked."""
+def image_id_settings(image_id: Mapping[str, Any] | None, key: str = "data") -> tuple[str | None, str | None]:
+    """(json field, key separator) of a ``<key>.image_id`` mapping for shards, checked."""
     image_id = dict(image_id or {})
     unknown = set(image_id) - {"field", "key_separator"}
-    check(not unknown, "data.image_id", "the keys field and key_separator", sorted(unknown))
+    check(not unknown, f"{key}.image_id", "the keys field and key_separator", sorted(unknown))
     return image_id.get("field", "image_id"), image_id.get("key_separator")
 
 
-def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str) -> tuple[int, bool]:
-    """``auto`` values follow the machine: workers up to the usable cores (at most
+def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str, key: str = "data") -> tuple[int, bool]:
+    """``auto`` values follow the machine (errors name ``<key>.num_workers`` / ``<key>.pin_memory``): workers up to the usable cores (at most
     :data:`MAX_AUTO_WORKERS`, so PyTorch never warns that there are more workers than cores), and
     pinned memory only when there is a GPU to copy to (without one pinning only costs time)."""
     import os
@@ -82,10 +82,10 @@ def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str) -> t
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         num_workers = min(MAX_AUTO_WORKERS, cores)
     check(isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0,
-          "data.num_workers", "auto or an integer >= 0", num_workers)
+          f"{key}.num_workers", "auto or an integer >= 0", num_workers)
     if pin_memory == "auto":
         pin_memory = torch.cuda.is_available()
-    check(isinstance(pin_memory, bool), "data.pin_memory", "auto, true or false", pin_memory)
+    check(isinstance(pin_memory, bool), f"{key}.pin_memory", "auto, true or false", pin_memory)
     return num_workers, pin_memory
 
 
@@ -114,6 +114,8 @@ class CaptionDataModule(L.LightningDataModule):
         image_config, tokenizer: supplied by the encoder at run time (size, normalisation, tokens).
         num_workers: loader processes; ``auto`` = the CPU cores this process may use, at most 4.
         pin_memory: page-locked batches for fast host-to-GPU copies; ``auto`` = when CUDA is present.
+        config_key: how errors name this config's keys: ``data`` (``data.<key>``), or ``data.eval``
+            for the evaluation config of ``data=webdataset`` (set by that config).
     """
 
     def __init__(
@@ -137,17 +139,19 @@ class CaptionDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         image_config: ImageConfig | Mapping[str, Any] | None = None,
         tokenizer: Callable | None = None,
+        config_key: str = "data",
     ) -> None:
         super().__init__()
-        check(format in ("karpathy", "albef"), "data.format", "karpathy or albef", format)
-        check(isinstance(batch_size, int) and batch_size > 0, "data.batch_size", "a positive integer", batch_size)
-        check(isinstance(eval_batch_size, int) and eval_batch_size > 0, "data.eval_batch_size",
+        k = config_key
+        check(format in ("karpathy", "albef"), f"{k}.format", "karpathy or albef", format)
+        check(isinstance(batch_size, int) and batch_size > 0, f"{k}.batch_size", "a positive integer", batch_size)
+        check(isinstance(eval_batch_size, int) and eval_batch_size > 0, f"{k}.eval_batch_size",
               "a positive integer", eval_batch_size)
-        num_workers, pin_memory = resolve_loader_settings(num_workers, pin_memory)
-        check(positives is None or format == "karpathy", "data.positives",
+        num_workers, pin_memory = resolve_loader_settings(num_workers, pin_memory, k)
+        check(positives is None or format == "karpathy", f"{k}.positives",
               "null for format=albef (a positives file indexes Karpathy imgid/sentid)", positives)
         check(test_folds is None or (isinstance(test_folds, int) and not isinstance(test_folds, bool)
-                                     and test_folds >= 1), "data.test_folds", "null or a positive integer",
+                                     and test_folds >= 1), f"{k}.test_folds", "null or a positive integer",
               test_folds)
         self.root = root
         self.annotations = annotations
@@ -164,13 +168,13 @@ class CaptionDataModule(L.LightningDataModule):
         self.clean = partial(clean_caption, **dict(caption or {}))
         self.positives = positives
         self.test_folds = test_folds
-        check(on_bad_image in ("error", "skip"), "data.on_bad_image", "error or skip", on_bad_image)
+        check(on_bad_image in ("error", "skip"), f"{k}.on_bad_image", "error or skip", on_bad_image)
         self.on_bad_image = on_bad_image
         self.shuffle_seed = shuffle_seed
         # Hydra's `_convert_: all` hands dataclass arguments over as dicts.
         self.image_config = ImageConfig(**image_config) if isinstance(image_config, Mapping) else image_config
         self.tokenizer = tokenizer
-        self.config_key = "data"  # how errors name this config (data.eval when it is data=webdataset's)
+        self.config_key = config_key  # how errors name this config (data.eval when it is data=webdataset's)
         self.data: dict[str, CaptionSplit] = {}
         self._images: dict[str, ImageStore] = {}
 
@@ -206,10 +210,11 @@ class CaptionDataModule(L.LightningDataModule):
                 if stage not in self.splits:
                     raise FNEError(f"{self.config_key}.splits: no entry for stage {stage!r}")
                 split = load_karpathy(path, image_root, list(self.splits[stage]), stage, self.clean,
-                                      positives=None if self.positives is None else Path(self.positives))
+                                      positives=None if self.positives is None else Path(self.positives),
+                                      key=self.config_key)
             else:
-                split = load_albef(path, image_root, stage, self.clean)
-            split = check_images(split, self.on_bad_image)
+                split = load_albef(path, image_root, stage, self.clean, key=self.config_key)
+            split = check_images(split, self.on_bad_image, key=self.config_key)
             if stage == "test" and self.test_folds and split.num_images % self.test_folds:
                 raise FNEError(f"{self.config_key}.test_folds={self.test_folds}: expected a divisor of the "
                                f"{split.num_images} test images")
@@ -249,7 +254,7 @@ class CaptionDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         if split.num_texts // world < self.batch_size:
             per_rank = f" ({split.num_texts // world} per rank over {world} processes)" if world > 1 else ""
-            raise FNEError(f"data.batch_size={self.batch_size}: larger than the {split.num_texts} training "
+            raise FNEError(f"{self.config_key}.batch_size={self.batch_size}: larger than the {split.num_texts} training "
                            f"captions{per_rank} (training uses full batches only)")
         transform = build_transform(self.image_config, train=True, **self.augment)
         # Inputs are cached only when nothing random happens to them (e.g. the synthetic data).
@@ -293,7 +298,7 @@ class SyntheticDataModule(CaptionDataModule):
     def __init__(self, cache_dir: str, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
                  image_size: int = 64, seed: int = 0, **kwargs: Any) -> None:
         for key in ("root", "annotations"):  # e.g. `+data.root=...` left over from a real-data command
-            check(kwargs.get(key) is None, f"data.{key}", "no value for data=synthetic (it is rendered into "
+            check(kwargs.get(key) is None, f"{kwargs.get('config_key', 'data')}.{key}", "no value for data=synthetic (it is rendered into "
                   "data.cache_dir; use data=karpathy for a dataset on disk)", kwargs.get(key))
             kwargs.pop(key, None)
         kwargs.setdefault("splits", {"train": ["train"], "val": ["val"], "test": ["test"]})
@@ -341,13 +346,13 @@ class ShardEvalDataModule(CaptionDataModule):
                  image_id: Mapping[str, Any] | None = None, text_id_field: str | None = "text_id",
                  **kwargs: Any) -> None:
         for key in ("root", "annotations", "positives", "image_root"):
-            check(kwargs.get(key) is None, f"data.{key}", "no value for shards (val_shards / test_shards name them)",
-                  kwargs.get(key))
+            check(kwargs.get(key) is None, f"{kwargs.get('config_key', 'data')}.{key}",
+                  "no value for shards (val_shards / test_shards name them)", kwargs.get(key))
             kwargs.pop(key, None)
         super().__init__(root="", **kwargs)
         self.split_shards = {"val": val_shards, "test": test_shards}
         self.split_positives = {"val": val_positives, "test": test_positives}
-        self.image_id_field, self.key_separator = image_id_settings(image_id)
+        self.image_id_field, self.key_separator = image_id_settings(image_id, self.config_key)
         self.text_id_field = text_id_field
         self._blobs: dict[str, list[bytes]] = {}
         # Tables name the dataset after the shards' directory.

@@ -39,11 +39,17 @@ def report_user_errors(exit_code: int = 2) -> Iterator[None]:
 
 
 def user_error(err: BaseException | None) -> FNEError | None:
-    """The :class:`FNEError` behind ``err`` (itself or a cause of it), if any."""
+    """The :class:`FNEError` behind ``err`` (itself or a cause of it), if any. A config value left
+    ``???`` (mandatory, e.g. ``data.annotations`` of ``data=karpathy``) is one too."""
+    from omegaconf.errors import MissingMandatoryValue
+
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, FNEError):
             return err
+        if isinstance(err, MissingMandatoryValue) and getattr(err, "full_key", None):
+            return FNEError(f"{err.full_key}: expected a value, none given (??? in the config: required); "
+                            f"give {err.full_key}=...")
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

@@ -75,17 +75,19 @@ def _clean_all(captions: list[str], clean: Callable[[str], str], where: Sequence
 
 
 def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], name: str,
-                  clean: Callable[[str], str] = str, positives: Path | None = None) -> CaptionSplit:
+                  clean: Callable[[str], str] = str, positives: Path | None = None,
+                  key: str = "data") -> CaptionSplit:
     """Read the images of ``splits`` (e.g. ``["train", "restval"]``) from a Karpathy JSON.
 
     ``positives``: the extra-positives file (``{"<imgid>": [sentid, ...]}``); by default
-    ``<annotations stem>.positives.json`` beside the JSON, when it exists.
+    ``<annotations stem>.positives.json`` beside the JSON, when it exists. ``key``: the config
+    errors name (``<key>.annotations``, ``<key>.positives``).
     """
-    data = read_json(annotations, "data.annotations")
+    data = read_json(annotations, f"{key}.annotations")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise FNEError(f"data.annotations={str(annotations)!r}: expected a Karpathy JSON object with "
+        raise FNEError(f"{key}.annotations={str(annotations)!r}: expected a Karpathy JSON object with "
                        "an 'images' list")
-    check_karpathy_ids(data["images"], annotations)
+    check_karpathy_ids(data["images"], annotations, key)
     wanted = set(splits)
     paths, keys, captions, t2i, sentids, where = [], [], [], [], [], []
     for n, img in enumerate(data["images"]):
@@ -96,7 +98,7 @@ def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], na
             rel = os.path.join(img.get("filepath", ""), img["filename"])
             imgid = img.get("imgid", n)
         except (KeyError, TypeError) as err:
-            raise FNEError(f"data.annotations={str(annotations)!r}: image entry {n} lacks key {err} "
+            raise FNEError(f"{key}.annotations={str(annotations)!r}: image entry {n} lacks key {err} "
                            "(expected split, filename, sentences)") from None
         if not sentences:
             raise FNEError(f"{annotations}: image {rel!r} (imgid {imgid}) has no captions")
@@ -110,10 +112,10 @@ def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], na
         paths.append(str(image_root / rel))
         keys.append(str(imgid))
     if not paths:
-        raise FNEError(f"data.annotations={str(annotations)!r}: no images in split(s) {list(splits)}")
+        raise FNEError(f"{key}.annotations={str(annotations)!r}: no images in split(s) {list(splits)}")
     split = CaptionSplit(name, paths, _clean_all(captions, clean, where), np.asarray(t2i, np.int64), keys)
     if positives is not None:
-        split.positive_pairs = read_positive_pairs(Path(positives), keys, sentids, "data.positives")
+        split.positive_pairs = read_positive_pairs(Path(positives), keys, sentids, f"{key}.positives")
     else:
         pos_file = annotations.with_name(annotations.stem + ".positives.json")
         if pos_file.is_file():
@@ -121,14 +123,14 @@ def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], na
     return split
 
 
-def check_karpathy_ids(images: list, annotations: Path) -> None:
+def check_karpathy_ids(images: list, annotations: Path, key: str = "data") -> None:
     """Image ids and sentence ids unique over the whole file, each sentence's ``imgid`` its image's.
 
     Real Karpathy files satisfy this; hand-made ones often do not, and two images sharing an
     ``imgid`` would silently become one image for same-image masking and the positives.
     One error names the first offending entry. An image without ``imgid`` has its position.
     """
-    where = f"data.annotations={str(annotations)!r}"
+    where = f"{key}.annotations={str(annotations)!r}"
     image_owner: dict[str, int] = {}
     sentence_owner: dict[str, int] = {}
     for n, img in enumerate(images):
@@ -169,11 +171,12 @@ def read_positive_pairs(pos_file: Path, image_keys: list[str], sentids: list[int
 
 
 def load_albef(annotations: Path, image_root: Path, name: str,
-               clean: Callable[[str], str] = str) -> CaptionSplit:
-    """Read an ALBEF-style list (one row per caption for train, per image for evaluation)."""
-    rows = read_json(annotations, "data.annotations")
+               clean: Callable[[str], str] = str, key: str = "data") -> CaptionSplit:
+    """Read an ALBEF-style list (one row per caption for train, per image for evaluation); ``key``:
+    the config errors name (``<key>.annotations``)."""
+    rows = read_json(annotations, f"{key}.annotations")
     if not isinstance(rows, list) or not rows:
-        raise FNEError(f"data.annotations={str(annotations)!r}: expected a non-empty JSON list of "
+        raise FNEError(f"{key}.annotations={str(annotations)!r}: expected a non-empty JSON list of "
                        "{'image', 'caption'} rows")
     index: dict[str, int] = {}
     paths, keys, captions, t2i, where = [], [], [], [], []
@@ -229,11 +232,13 @@ def image_problem(source: str | bytes) -> str | None:
     return None
 
 
-def check_images(split: CaptionSplit, on_bad_image: str = "error", workers: int = 8) -> CaptionSplit:
+def check_images(split: CaptionSplit, on_bad_image: str = "error", workers: int = 8,
+                 key: str = "data") -> CaptionSplit:
     """Check every image of ``split`` before training (threads: the work is I/O).
 
     ``on_bad_image="error"``: one error naming the first bad file and the count.
     ``"skip"``: log each bad file, drop it with its captions (and positives), log the count.
+    ``key``: the config the messages name (``<key>.root``, ``<key>.on_bad_image``).
     """
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = list(pool.map(image_problem, split.image_paths))
@@ -243,18 +248,18 @@ def check_images(split: CaptionSplit, on_bad_image: str = "error", workers: int 
     first = split.image_paths[bad[0]]
     if on_bad_image == "error":
         raise FNEError(f"{first}: {problems[bad[0]]} ({len(bad)} of {split.num_images} {split.name} images are "
-                       "missing or unreadable; check data.root / data.image_root, or data.on_bad_image=skip)")
+                       f"missing or unreadable; check {key}.root / {key}.image_root, or {key}.on_bad_image=skip)")
     for i in bad:
         log.warning("skipping %s image %s: %s", split.name, split.image_paths[i], problems[i])
-    log.warning("skipped %d of %d %s images (data.on_bad_image=skip)", len(bad), split.num_images, split.name)
-    return drop_images(split, set(bad))
+    log.warning("skipped %d of %d %s images (%s.on_bad_image=skip)", len(bad), split.num_images, split.name, key)
+    return drop_images(split, set(bad), key)
 
 
-def drop_images(split: CaptionSplit, drop: set[int]) -> CaptionSplit:
+def drop_images(split: CaptionSplit, drop: set[int], key: str = "data") -> CaptionSplit:
     """``split`` without the images ``drop`` and their captions, indices renumbered."""
     keep = [i for i in range(split.num_images) if i not in drop]
     if not keep:
-        raise FNEError(f"data.on_bad_image=skip: no readable {split.name} image is left")
+        raise FNEError(f"{key}.on_bad_image=skip: no readable {split.name} image is left")
     new_image = np.full(split.num_images, -1, np.int64)
     new_image[keep] = np.arange(len(keep))
     kept_text = np.flatnonzero(new_image[split.text_to_image] >= 0)
