@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -474,6 +475,30 @@ def test_two_process_ddp_ranks_see_disjoint_samples_and_equal_batches(written, c
         seen = [{t for x in b for t in x} for b in batches]
         assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] <= keys
     assert ranks[0]["0"] != ranks[0]["1"]  # each epoch its own order
+
+
+@pytest.mark.parametrize("text_id_field", ["text_id", None])
+def test_positives_in_other_ids_than_the_stream_are_warned_about(written, cache_dir: Path, tmp_path: Path,
+                                                                 text_id_field: str | None) -> None:
+    """Shards read with another ``data.text_id_field`` than make_shards wrote them with: the text ids
+    are the hashed keys, none is in the positives file, and every FN rate would read 0 unannounced."""
+    index = written[1]
+    cfg = shard_config(index, cache_dir, *NO_AUGMENT, f"data.text_id_field={text_id_field or 'null'}")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    module, dm = build(cfg)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=dm)
+    messages = [str(w.message) for w in caught if "training positives" in str(w.message)]
+    if text_id_field:
+        assert messages == []
+    else:  # 2 batches of 16; every image of the split has positives, no hashed key is a text id of the file
+        assert len(messages) == 1 and messages[0].startswith(
+            "training positives: of the 32 captions of epoch 0, 32 have their image id and 0 their text id in the "
+            "positives file"), messages
 
 
 @pytest.mark.slow

@@ -77,6 +77,9 @@ class RetrievalModule(L.LightningModule):
         self.val_metric = RetrievalMetric(torch.empty(0, dtype=torch.long))
         self.test_metric = RetrievalMetric(torch.empty(0, dtype=torch.long))
         self._generator_state: Tensor | None = None
+        self._listed: Tensor | None = None  # see on_train_epoch_start
+        self._listed_seen = 0
+        self._positives_warned = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -159,18 +162,40 @@ class RetrievalModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._diagnostic_sums, self._diagnostic_counts = {}, {}
+        # The epoch's captions whose image id, and whose text id, occur in the positives file; and
+        # the captions trained on.
+        self._listed = (torch.zeros(2, dtype=torch.long, device=self.device) if self.loss.positives.available
+                        else None)
+        self._listed_seen = 0
         # A new epoch, not a run resuming in the middle of one (its statistics are restored).
         if self._epoch_started != self.current_epoch:
             self._epoch_started = self.current_epoch
             self.loss.on_train_epoch_start()
 
     def on_train_epoch_end(self) -> None:
+        self._check_positives_listed()
         means = {k: total / self._diagnostic_counts[k] for k, total in self._diagnostic_sums.items()}
         if means:
             self.log_dict({f"fne/{k}_epoch": v for k, v in means.items()}, on_step=False, on_epoch=True)
             # As self.log(on_step=True, on_epoch=True) leaves them for monitors (ModelCheckpoint,
             # EarlyStopping, optimized_metric=fne/...): the plain keys hold the epoch's means.
             self.log_dict({f"fne/{k}": v for k, v in means.items()}, on_step=False, on_epoch=True, logger=False)
+
+    def _check_positives_listed(self) -> None:
+        """Warn (once a run) when the training positives name none of the epoch's image ids or none
+        of its text ids: the file is then in other ids than the batches' (a stream read with another
+        ``data.text_id_field`` or ``data.image_id`` than the shards were written with), and every
+        false-negative rate reads 0. One host sync (and an all-reduce) per epoch."""
+        if self._listed is None or self._positives_warned:
+            return
+        counts = torch.cat([self._listed, self._listed.new_tensor([self._listed_seen])])
+        images, texts, seen = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        if seen and (images == 0 or texts == 0):
+            self._positives_warned = True
+            rank_zero_warn(f"training positives: of the {seen} captions of epoch {self.current_epoch}, {images} have "
+                           f"their image id and {texts} their text id in the positives file, so the false-negative "
+                           "rates (fne/*fn_rate) read 0; expected the file in the batches' ids (for shards: the "
+                           "data.image_id and data.text_id_field they were written with)")
 
     def _log_diagnostics(self, diagnostics: dict[str, Tensor], batch_size: int) -> None:
         """The loss's diagnostics as ``fne/<name>_step`` on the steps the loggers write
@@ -217,6 +242,10 @@ class RetrievalModule(L.LightningModule):
         if not self._finite([loss], "loss"):
             return None
         batch_size = images.shape[0]
+        if self._listed is not None:  # on the device: no sync
+            in_images, in_texts = self.loss.positives.listed(image_ids, text_ids)
+            self._listed += torch.stack([torch.count_nonzero(in_images), torch.count_nonzero(in_texts)])
+            self._listed_seen += batch_size
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self._log_diagnostics(diagnostics, batch_size)
         # The features go to callbacks (RetrievalFigures' reservoir) through on_train_batch_end.

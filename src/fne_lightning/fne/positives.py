@@ -26,6 +26,9 @@ class PositiveIndex(nn.Module):
         # Not persistent: it is data of the dataset, rebuilt from the annotations at setup.
         self.register_buffer("keys", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("bitmap", torch.empty(0, dtype=torch.uint8), persistent=False)
+        # The sorted image ids and text ids that occur in some pair (see `listed`).
+        self.register_buffer("image_keys", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("text_keys", torch.empty(0, dtype=torch.long), persistent=False)
         self.num_texts = 0
         self.num_images = 0
 
@@ -40,9 +43,12 @@ class PositiveIndex(nn.Module):
         self.bitmap = torch.empty(0, dtype=torch.uint8, device=device)
         if pairs is None or pairs.numel() == 0:
             self.keys = torch.empty(0, dtype=torch.long, device=device)
+            self.image_keys = torch.empty(0, dtype=torch.long, device=device)
+            self.text_keys = torch.empty(0, dtype=torch.long, device=device)
             self.num_texts = self.num_images = 0
             return
         pairs = pairs.to(device, torch.long)
+        self.image_keys, self.text_keys = torch.unique(pairs[:, 0]), torch.unique(pairs[:, 1])  # sorted
         # A stream's split holds no captions: its text ids are known only from the pairs.
         self.num_texts = max(int(num_texts), int(pairs[:, 1].max()) + 1)
         self.num_images = int(pairs[:, 0].max()) + 1
@@ -52,6 +58,12 @@ class PositiveIndex(nn.Module):
             table = np.zeros(cells, dtype=bool)
             table[self.keys.cpu().numpy()] = True
             self.bitmap = torch.from_numpy(np.packbits(table, bitorder="little")).to(device)
+
+    def listed(self, image_ids: Tensor, text_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Bool tensors (shapes of the inputs): which image ids, and which text ids, occur in some
+        pair. For a stream, none of a batch's text ids (or image ids) listed means the file is not in
+        the stream's ids (e.g. another ``data.text_id_field``), and every pair tests False."""
+        return _member(self.image_keys, image_ids), _member(self.text_keys, text_ids)
 
     def contains(self, image_ids: Tensor, text_ids: Tensor) -> Tensor:
         """Bool tensor (broadcast shape of the inputs): does each pair truly match?
@@ -69,3 +81,12 @@ class PositiveIndex(nn.Module):
             return (byte.bitwise_right_shift((query & 7).to(torch.uint8)) & 1).bool() & known
         pos = torch.searchsorted(self.keys, query).clamp_(max=self.keys.numel() - 1)
         return (self.keys[pos] == query) & known
+
+
+def _member(sorted_keys: Tensor, ids: Tensor) -> Tensor:
+    """``ids`` (any shape) that occur in the sorted 1-d ``sorted_keys``: one searchsorted."""
+    if sorted_keys.numel() == 0:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    ids = ids.long()
+    pos = torch.searchsorted(sorted_keys, ids).clamp_(max=sorted_keys.numel() - 1)
+    return sorted_keys[pos] == ids
