@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.stats import SimilarityStats
 from fne_lightning.losses import FNELoss
+from fne_lightning.utils.malloc import configure_like_training
 
 PAPER_SIZES = "32,8224,768;128,65536,768"
 # The options beyond the published rule (README, "Beyond the published rule"), each timed against
@@ -142,7 +143,7 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def bench(batch: int, bank_size: int, dim: int, device: torch.device, warmup: int, repeats: int,
-          variants: tuple[str, ...] = ()) -> dict:
+          variants: tuple[str, ...] = (), malloc: str = "train") -> dict:
     inputs = make_inputs(batch, bank_size, dim, device)
     losses = {"fne": make_loss(inputs, "sample"), "hardest": make_loss(inputs, "hardest"),
               **{v: make_loss(inputs, "sample", **VARIANTS[v]) for v in variants}}
@@ -167,6 +168,7 @@ def bench(batch: int, bank_size: int, dim: int, device: torch.device, warmup: in
         "hardest_ms_median": round(statistics.median(times["hardest"]), 2),
         "repeats": repeats,
         "threads": torch.get_num_threads(),
+        "malloc": malloc,
         **extra,
     }
 
@@ -179,13 +181,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                         help="also time these options beyond the published rule (ratio to the same hardest step)")
+    parser.add_argument("--malloc", default="train", choices=["train", "glibc"],
+                        help="glibc's allocator thresholds as training sets them (conf/train.yaml `malloc`), "
+                             "or glibc's defaults")
     args = parser.parse_args()
+    configure_like_training(args.malloc)
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] * torch.cuda.is_available())
     rows = []
     for device in devices:
         for size in args.sizes.split(";"):
             b, k, d = (int(x) for x in size.split(","))
-            row = bench(b, k, d, torch.device(device), args.warmup, args.repeats, tuple(args.variants))
+            row = bench(b, k, d, torch.device(device), args.warmup, args.repeats, tuple(args.variants), args.malloc)
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(f"\n{'device':>8} {'B':>5} {'K':>7} {'D':>5} {'fne ms':>9} {'hardest ms':>11} {'ratio':>6}")

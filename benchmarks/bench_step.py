@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fne_lightning.losses import FNELoss, VSELoss  # noqa: E402
 from fne_lightning.models.encoders import DualEncoder  # noqa: E402
 from fne_lightning.module import RetrievalModule  # noqa: E402
+from fne_lightning.utils.malloc import configure_like_training  # noqa: E402
 
 
 class MomentumOnly(VSELoss):
@@ -134,7 +135,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of the three losses, interleaved; each loss's step time is the median over "
                              "the rounds (a shared CPU's load drifts: one round of each is noisy)")
+    parser.add_argument("--malloc", default="train", choices=["train", "glibc"],
+                        help="glibc's allocator thresholds as training sets them (conf/train.yaml `malloc`), "
+                             "or glibc's defaults")
     args = parser.parse_args()
+    configure_like_training(args.malloc)
     precisions = (args.precisions or ("32-true,bf16-mixed" if args.device == "cuda" else "32-true")).split(",")
     names = ("vsepp", "momentum_only", "fne")
     rows = []

@@ -98,6 +98,7 @@ CONFIG_CASES = {
     "on_bad_image": (["data.on_bad_image=ignore"], "data.on_bad_image='ignore'"),
     "model_name": (["model.name=ViT-Q-99"], "model.name='ViT-Q-99'"),
     "weights_offline": (["model=clip_vit_b32"], "could not load pretrained weights 'openai'"),
+    "malloc": (["malloc.trim_threshold_mb=0"], "malloc.trim_threshold_mb=0: expected an integer number of MB"),
     "missing_checkpoint": (["ckpt_path=/no/such/last.ckpt"], "ckpt_path='/no/such/last.ckpt': file not found"),
     # A value the config leaves ??? (required).
     "missing_value": (["data.root=/tmp", "experiment=none", "data=karpathy"],

@@ -196,11 +196,13 @@ def train(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[str, floa
     import lightning as L
 
     from fne_lightning.utils.logs import configure_logging
+    from fne_lightning.utils.malloc import configure_malloc
     from fne_lightning.utils.resume import plan_resume
 
     check_recipe()
     check_launch(cfg)
     configure_logging(verbose_run(cfg))
+    configure_malloc(cfg.get("malloc"))
     resume, why = plan_resume(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule = build(cfg)
