@@ -43,6 +43,7 @@ from fne_lightning.data.shards import (
     StreamError,
     expand_shards,
     local_path,
+    missing_shards,
     read_split,
     resolve_positives,
     stream_positives,
@@ -373,7 +374,7 @@ class ShardEvalDataModule(CaptionDataModule):
             urls = expand_shards(spec)
             if not urls:
                 raise FNEError(f"{key}={spec!r}: expands to no shard")
-            missing = [u for u in urls if (path := local_path(u)) is not None and not Path(path).is_file()]
+            missing = missing_shards(urls)
             if missing:  # an evaluation split without some of its shards would give other numbers
                 raise FNEError(f"{key}: shard {missing[0]!r} not found ({len(missing)} of {len(urls)} shards missing)")
             positives_key = f"{self.config_key}.{stage}_positives"
@@ -490,7 +491,7 @@ class ShardDataModule(L.LightningDataModule):
             urls = expand_shards(self.train_shards)
             if not urls:
                 raise FNEError(f"data.train_shards={self.train_shards!r}: expands to no shard")
-            missing = [u for u in urls if (path := local_path(u)) is not None and not Path(path).is_file()]
+            missing = missing_shards(urls)
             if missing and self.on_bad_image == "error":
                 raise FNEError(f"data.train_shards: shard {missing[0]!r} not found ({len(missing)} of {len(urls)} "
                                "shards missing; data.on_bad_image=skip trains without them)")

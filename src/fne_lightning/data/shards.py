@@ -88,6 +88,11 @@ def local_path(url: str) -> str | None:
     return url if parsed.scheme == "" else parsed.path if parsed.scheme == "file" else None
 
 
+def missing_shards(urls: list[str]) -> list[str]:
+    """The local shards of ``urls`` that are not files (remote URLs and ``pipe:`` are not checked)."""
+    return [u for u in urls if (path := local_path(u)) is not None and not Path(path).is_file()]
+
+
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers, equal in every process (``hash()`` of strings is not)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
