@@ -59,6 +59,8 @@ def test_positive_index_bitmap_and_search_agree_with_a_set(bitmap: bool, monkeyp
     want = torch.tensor([[(i, j) in truth for j in texts[0].tolist()] for i in images[:, 0].tolist()])
     got = index.contains(images, texts)
     assert got.shape == (43, 102) and torch.equal(got, want) and 0 < int(want.sum()) <= 300
+    # Candidates' images along the columns (the text-to-image direction of the diagnostics).
+    assert torch.equal(index.contains(images.T, texts.T), want.T)
 
 
 def _batch(b: int = 8, d: int = 16, seed: int = 0):
