@@ -178,3 +178,45 @@ def test_every_ablation_switch_changes_the_drawn_negatives(switch: dict) -> None
                                   hardest=hardest_negatives(scores, valid))
         drawn.append(idx)
     assert (drawn[0] != drawn[1]).sum() >= 5, switch
+
+
+def test_aucs_and_flagged_precision_match_a_loop() -> None:
+    """score_auc, posterior_auc (ranking by the posterior's logit) and flagged_precision against
+    the Mann-Whitney statistic and counts over every valid (anchor, candidate) pair, with p_fn
+    from the Gaussian densities written here."""
+    loss, b = setup_loss()
+    # A narrow positive Gaussian inside the scores' range: p_fn peaks near 0.3 and is not a monotone
+    # function of the score, so the two AUCs differ.
+    loss.stats.pos_count.fill_(5000.0)
+    loss.stats.pos_mean.fill_(0.3)
+    loss.stats.pos_m2.fill_(4999 * 0.005)
+    _, diag = loss(b["v"], b["t"], b["image_ids"], b["text_ids"], b["mv"], b["mt"])
+    pm, pv, nm, nv = (float(x) for x in loss.stats.gaussians())  # after the step's own update, as it selects
+    cand_img = torch.cat([b["image_ids"], b["bank_img_ids"]]).tolist()
+    cand_txt = torch.cat([b["text_ids"], b["bank_txt_ids"]]).tolist()
+    pairs, want = b["pairs"], {"score_auc": [], "posterior_auc": [], "flagged_precision": []}
+    for anchors, cands, truth in ((b["v"], torch.cat([b["mt"], b["bank_txt"]]),
+                                   lambda i, j: (int(b["image_ids"][i]), cand_txt[j]) in pairs),
+                                  (b["t"], torch.cat([b["mv"], b["bank_img"]]),
+                                   lambda i, j: (cand_img[j], int(b["text_ids"][i])) in pairs)):
+        scores, logits, labels, flagged_true, flagged = [], [], [], 0, 0
+        for i in range(B):
+            for j in range(len(cand_img)):
+                if cand_img[j] == int(b["image_ids"][i]):
+                    continue
+                s = float(anchors[i] @ cands[j])
+                logit = normal_logpdf(s, pm, pv) - normal_logpdf(s, nm, nv) - math.log(1 / loss.match_prior - 1)
+                is_fn = 1 / (1 + math.exp(-logit)) > 1 - loss.false_margin
+                scores.append(s), logits.append(logit), labels.append(truth(i, j))
+                flagged += is_fn
+                flagged_true += is_fn and truth(i, j)
+        want["score_auc"].append(exact_auc(scores, labels))
+        want["posterior_auc"].append(exact_auc(logits, labels))
+        want["flagged_precision"].append(flagged_true / flagged)
+    # The score's bins (width 0.001) hold no ties here; the logit's (width 0.054 on [-90, 20]) a few.
+    tolerance = {"score_auc": 1e-6, "posterior_auc": 1.5e-3, "flagged_precision": 1e-6}
+    for key, (i2t, t2i) in want.items():
+        assert diag[key].item() == pytest.approx((i2t + t2i) / 2, abs=tolerance[key]), key
+    assert all(0.0 < x < 1.0 for x in want["flagged_precision"])
+    # Ranking by the score instead of the posterior would be caught.
+    assert abs(sum(want["posterior_auc"]) - sum(want["score_auc"])) / 2 > 3 * tolerance["posterior_auc"]

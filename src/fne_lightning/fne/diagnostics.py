@@ -31,9 +31,3 @@ def binned_auc(scores: Tensor, positive: Tensor, negative: Tensor, lo: float, hi
     auc = (pos * (below + 0.5 * neg)).sum() / pairs.clamp(min=1.0)
     return torch.where(pairs > 0, auc, auc.new_tensor(0.5))
 
-
-@torch.no_grad()
-def posterior_logit(p_fn: Tensor) -> Tensor:
-    """log(p / (1 - p)) of the posterior, for ranking on a scale that does not saturate at 0 and 1."""
-    p = p_fn.float().clamp(1e-38, 1.0 - 1e-7)
-    return p.log() - (-p).log1p()

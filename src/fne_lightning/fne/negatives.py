@@ -106,12 +106,20 @@ def false_negative_posterior(
     variances near 0.01, and only near the 1e-6 variance floor (a degenerate fit) as
     large as 0.1.
     """
-    s = scores.float()
     if coefficients is None:
-        coefficients = posterior_coefficients(pos_mean, pos_var, neg_mean, neg_var, match_prior, s.device)
+        coefficients = posterior_coefficients(pos_mean, pos_var, neg_mean, neg_var, match_prior, scores.device)
+    return posterior_log_odds(scores, coefficients).sigmoid_()
+
+
+@torch.no_grad()
+def posterior_log_odds(scores: Tensor, coefficients: Tensor) -> Tensor:
+    """The logit of the posterior, ``(A s + B) s + C`` (fp32, same shape as ``scores``), of which
+    :func:`false_negative_posterior` is the sigmoid: the same values to the bit. It ranks the
+    candidates as p_fn does without saturating where p_fn rounds to 0 or 1."""
+    s = scores.float()
     a, b, c = coefficients.unbind()
     logit = torch.addcmul(b, s, a)  # (B, N), the only buffer
-    return logit.mul_(s).add_(c).sigmoid_()
+    return logit.mul_(s).add_(c)
 
 
 @torch.no_grad()
