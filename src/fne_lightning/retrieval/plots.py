@@ -57,7 +57,12 @@ def similarity_figure(pos_scores: np.ndarray, neg_scores: np.ndarray,
     """
     pos, neg = np.asarray(pos_scores, dtype=np.float64), np.asarray(neg_scores, dtype=np.float64)
     posterior = gaussians is not None and match_prior is not None
-    fig = _figure(7.0, 5.2 if posterior else 3.2)
+    height = 5.2 if posterior else 3.2
+    # Fixed margins (inches) instead of the constrained layout, which measured 40% of the drawing
+    # (0.15 of 0.35 s, every validation epoch); the labels and tick labels here have fixed widths.
+    fig = _figure(7.0, height, layout=None)
+    fig.subplots_adjust(left=0.8 / 7.0, right=1.0 - 0.15 / 7.0, top=1.0 - 0.35 / height, bottom=0.5 / height,
+                        hspace=0.08)
     axes = fig.subplots(2 if posterior else 1, 1, sharex=True, squeeze=False)[:, 0]
     ends = [pos.min(initial=1), neg.min(initial=1), pos.max(initial=-1), neg.max(initial=-1)]
     if gaussians is not None:
