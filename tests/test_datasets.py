@@ -97,6 +97,29 @@ def test_datamodule_serves_pairs_and_separate_eval_loaders(karpathy: Path) -> No
     assert sum(b[0].shape[0] for b in text_loader) == 7  # every caption
 
 
+def test_datamodule_reads_the_karpathy_file_once_and_defers_a_split_s_error(
+        karpathy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fne_lightning.data import datasets
+
+    reads: list[str] = []
+    read_json = datasets.read_json
+    monkeypatch.setattr(datasets, "read_json", lambda path, key: reads.append(Path(path).name) or read_json(path, key))
+    dm = CaptionDataModule(root=str(karpathy.parent), annotations=str(karpathy), num_workers=0)
+    dm.load_all()
+    assert reads == ["dataset_toy.json", "dataset_toy.positives.json"]  # once for the three splits
+    for stage in ("train", "val", "test"):  # as loading each split on its own gives
+        want = load_karpathy(karpathy, karpathy.parent, dm.splits[stage], stage, dm.clean)
+        got = dm.data[stage]
+        assert (got.captions, got.image_paths, got.text_to_image.tolist(), got.positive_pairs.tolist()) == (
+            want.captions, want.image_paths, want.text_to_image.tolist(), want.positive_pairs.tolist())
+    # A split without images fails only when it is used: evaluating on the test split still works.
+    dm = CaptionDataModule(root=str(karpathy.parent), annotations=str(karpathy), num_workers=0,
+                           splits={"train": ["nothing"], "val": ["val"], "test": ["test"]})
+    assert dm.load_split("test").num_images == 1
+    with pytest.raises(FNEError, match=r"no images in split\(s\) \['nothing'\]"):
+        dm.load_split("train")
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [

@@ -34,7 +34,7 @@ from fne_lightning.data.datasets import (
     TextInputs,
     check_images,
     load_albef,
-    load_karpathy,
+    load_karpathy_splits,
 )
 from fne_lightning.data.order import ResumableLoader, ResumableSampler
 from fne_lightning.data.shards import (
@@ -177,6 +177,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.config_key = config_key  # how errors name this config (data.eval when it is data=webdataset's)
         self.data: dict[str, CaptionSplit] = {}
+        # Karpathy splits read with an earlier stage's (or their errors), not yet checked or used.
+        self._parsed: dict[str, CaptionSplit | FNEError] = {}
         self._images: dict[str, ImageStore] = {}
 
     def use_encoder(self, image_config: ImageConfig, tokenizer: Callable) -> None:
@@ -210,9 +212,14 @@ class CaptionDataModule(L.LightningDataModule):
             if self.format == "karpathy":
                 if stage not in self.splits:
                     raise FNEError(f"{self.config_key}.splits: no entry for stage {stage!r}")
-                split = load_karpathy(path, image_root, list(self.splits[stage]), stage, self.clean,
-                                      positives=None if self.positives is None else Path(self.positives),
-                                      key=self.config_key)
+                if stage not in self._parsed:  # every stage not yet loaded, from one read of the file
+                    names = [s for s in STAGES if s in self.splits and s not in self.data]
+                    self._parsed = load_karpathy_splits(
+                        path, image_root, {s: list(self.splits[s]) for s in names}, self.clean,
+                        positives=None if self.positives is None else Path(self.positives), key=self.config_key)
+                split = self._parsed.pop(stage)
+                if isinstance(split, FNEError):
+                    raise split
             else:
                 split = load_albef(path, image_root, stage, self.clean, key=self.config_key)
             split = check_images(split, self.on_bad_image, key=self.config_key)
