@@ -23,6 +23,13 @@ others ~0.1), a full bank, and Gaussians set to pos N(0.6, 0.1^2), neg N(0.1, 0.
 
     python benchmarks/bench_fne.py                       # both paper sizes, CPU (+ cuda)
     python benchmarks/bench_fne.py --sizes 32,1024,64    # smoke run
+    python benchmarks/bench_fne.py --sizes 128,1024,128 --positives 40   # the default run's step
+
+``--positives R`` declares known positives as the synthetic benchmark does (5 captions per image,
+each matching its own image and R random others: with 40, about 1% of the candidates, and a
+packed table of 4,608 x 23,040 pairs at the default recipe's size, as there: 4,000 x 20,000), so
+both paths also compute the diagnostics against them (FN rates, base rate, AUCs, flagged
+precision). Meant for small sizes: the table grows with the square of B + K.
 
 Prints one JSON object per size and device, then a table. Times are the best and the
 median of ``--repeats`` runs after ``--warmup`` runs, alternating the two paths so that
@@ -74,7 +81,8 @@ def _features(ids: Tensor, parts: dict[str, Tensor], gen: torch.Generator) -> Te
     return F.normalize(x, dim=1)
 
 
-def make_inputs(batch: int, bank_size: int, dim: int, device: torch.device, seed: int = 0) -> dict:
+def make_inputs(batch: int, bank_size: int, dim: int, device: torch.device, seed: int = 0,
+                positives: int = 0) -> dict:
     gen = torch.Generator(device=device).manual_seed(seed)
     n_images, rank = 4 * (batch + bank_size), min(dim, 16)
     basis = torch.linalg.qr(torch.randn(dim, dim, generator=gen, device=device))[0].T  # orthonormal rows
@@ -101,13 +109,29 @@ def make_inputs(batch: int, bank_size: int, dim: int, device: torch.device, seed
         getattr(stats, f"{prefix}_count").fill_(1000.0)
         getattr(stats, f"{prefix}_mean").fill_(mean)
         getattr(stats, f"{prefix}_m2").fill_(999.0 * std**2)
+    pairs, text_ids, bank_text_ids = None, torch.arange(batch, device=device) + bank_size, None
+    if positives:
+        # A dataset's id space: 5 captions per image (caption 5i + c describes image i), each also
+        # matching `positives` random images; the batch's and the bank's captions are some of them.
+        n_texts = 5 * n_images
+        own = torch.arange(n_texts, device=device) // 5
+        extra = torch.randint(0, n_images, (n_texts, positives), generator=gen, device=device)
+        images = torch.cat([own[:, None], extra], 1)
+        texts = torch.arange(n_texts, device=device)[:, None].expand_as(images)
+        pairs = torch.stack([images.reshape(-1), texts.reshape(-1)], 1)
+        text_ids = 5 * ids + torch.randint(0, 5, (batch,), generator=gen, device=device)
+        bank_text_ids = 5 * bank_ids + torch.randint(0, 5, (bank_size,), generator=gen, device=device)
+    if bank_text_ids is not None:
+        bank.text_ids.copy_(bank_text_ids)
     return {
+        "pairs": pairs,
+        "num_texts": 5 * n_images,
         "image": _features(ids, parts, gen).requires_grad_(),
         "text": _features(ids, parts, gen).requires_grad_(),
         "momentum_image": _features(ids, parts, gen),
         "momentum_text": _features(ids, parts, gen),
         "ids": ids,
-        "text_ids": torch.arange(batch, device=device) + bank_size,
+        "text_ids": text_ids,
         "bank": bank,
         "stats": stats,
         "gen": gen,
@@ -122,6 +146,8 @@ def make_loss(inputs: dict, selection: str, **options: object) -> FNELoss:
     loss.bank.load_state_dict(bank.state_dict())
     loss.stats.load_state_dict(inputs["stats"].state_dict())
     loss.generator = inputs["gen"]
+    if inputs["pairs"] is not None:
+        loss.positives.set_pairs(inputs["pairs"], num_texts=inputs["num_texts"])
     return loss
 
 
@@ -143,8 +169,8 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def bench(batch: int, bank_size: int, dim: int, device: torch.device, warmup: int, repeats: int,
-          variants: tuple[str, ...] = (), malloc: str = "train") -> dict:
-    inputs = make_inputs(batch, bank_size, dim, device)
+          variants: tuple[str, ...] = (), malloc: str = "train", positives: int = 0) -> dict:
+    inputs = make_inputs(batch, bank_size, dim, device, positives=positives)
     losses = {"fne": make_loss(inputs, "sample"), "hardest": make_loss(inputs, "hardest"),
               **{v: make_loss(inputs, "sample", **VARIANTS[v]) for v in variants}}
     times: dict[str, list[float]] = {name: [] for name in losses}
@@ -169,6 +195,7 @@ def bench(batch: int, bank_size: int, dim: int, device: torch.device, warmup: in
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "malloc": malloc,
+        "positives": positives,
         **extra,
     }
 
@@ -184,6 +211,9 @@ def main() -> None:
     parser.add_argument("--malloc", default="train", choices=["train", "glibc"],
                         help="glibc's allocator thresholds as training sets them (conf/train.yaml `malloc`), "
                              "or glibc's defaults")
+    parser.add_argument("--positives", type=int, default=0,
+                        help="declare known positives (each caption: its own image and this many random ones), "
+                             "so the step also computes the diagnostics against them; 0: none")
     args = parser.parse_args()
     configure_like_training(args.malloc)
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] * torch.cuda.is_available())
@@ -191,7 +221,8 @@ def main() -> None:
     for device in devices:
         for size in args.sizes.split(";"):
             b, k, d = (int(x) for x in size.split(","))
-            row = bench(b, k, d, torch.device(device), args.warmup, args.repeats, tuple(args.variants), args.malloc)
+            row = bench(b, k, d, torch.device(device), args.warmup, args.repeats, tuple(args.variants), args.malloc,
+                        args.positives)
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(f"\n{'device':>8} {'B':>5} {'K':>7} {'D':>5} {'fne ms':>9} {'hardest ms':>11} {'ratio':>6}")
