@@ -252,6 +252,8 @@ class FNELoss(TripletLoss):
             # One uniform per anchor from the loss's generator (only when sampling: the same stream as before).
             u = (torch.rand(a.shape[0], generator=self.generator, device=a.device) if self.selection == "sample"
                  else None)
+            if coefficients is None and self.selection == "sample":  # p_fn's, for the selection and the AUC
+                coefficients = posterior_coefficients(*gaussians[:4], prior, a.device)
             chosen = select_negatives(s, positive_scores.detach(), valid, gaussians, u, selection=self.selection,
                                       masks=truth is not None or self.prior == "estimated",
                                       tau=self.tau, match_prior=prior, false_margin=self.false_margin,
@@ -260,8 +262,6 @@ class FNELoss(TripletLoss):
                                       coefficients=coefficients)
             idx, has, hard_idx, hard_has, n_flagged, n_cut, flagged, p_fn = chosen
             mixture_sums = s.new_zeros(6, dtype=torch.float64)
-            if p_fn is not None and coefficients is None:  # what select_negatives formed for p_fn
-                coefficients = posterior_coefficients(*gaussians[:4], prior, s.device)
             if self.prior == "estimated" and p_fn is not None:
                 mixture_sums = self._mixture_sums(s, p_fn, valid)
         # Outside no_grad: with online_batch, an in-batch negative's row carries its gradient.
@@ -281,7 +281,7 @@ class FNELoss(TripletLoss):
             }
             if truth is not None:
                 diagnostics.update(self._truth_diagnostics(s, valid, truth, idx, has, hard_idx, hard_has,
-                                                           flagged, p_fn, n_valid, coefficients))
+                                                           flagged, n_valid, coefficients))
         return _Direction(loss, diagnostics, mixture_sums)
 
     @staticmethod
@@ -304,8 +304,8 @@ class FNELoss(TripletLoss):
 
     @staticmethod
     def _truth_diagnostics(s: Tensor, valid: Tensor, truth: Tensor, idx: Tensor, has: Tensor, hard_idx: Tensor,
-                           hard_has: Tensor, flagged: Tensor | None, p_fn: Tensor | None,
-                           n_valid: Tensor, coefficients: Tensor | None) -> dict[str, Tensor]:
+                           hard_has: Tensor, flagged: Tensor | None, n_valid: Tensor,
+                           coefficients: Tensor | None) -> dict[str, Tensor]:
         """What the known truth says of this direction's candidates (``fne/diagnostics.py``):
         the FN rates of the used and the hardest negatives, the base rate, and how well the
         posterior (and the raw score, for comparison) separate true matches from true negatives.
@@ -319,7 +319,7 @@ class FNELoss(TripletLoss):
             "fn_base_rate": torch.count_nonzero(true_match) / n_valid,
             "score_auc": binned_auc(s, true_match, true_negative, -1.0, 1.0),
         }
-        if flagged is not None and p_fn is not None and coefficients is not None:
+        if flagged is not None and coefficients is not None:  # sampling: the posterior was used
             # 0 in a step that flags nothing (the epoch average then under-states the precision).
             out["flagged_precision"] = torch.count_nonzero(flagged & truth) / torch.count_nonzero(flagged).clamp(min=1)
             out["posterior_auc"] = binned_auc(posterior_log_odds(s, coefficients), true_match, true_negative,
