@@ -15,7 +15,13 @@ from safetensors.torch import save_file
 
 from fne_lightning.errors import FNEError
 from fne_lightning.evaluate import evaluate
-from fne_lightning.models.encoders import DualEncoder, ema_update, load_timm_weights, momentum_copy
+from fne_lightning.models.encoders import (
+    DualEncoder,
+    ema_update,
+    load_timm_weights,
+    momentum_copy,
+    text_trimmable,
+)
 from fne_lightning.train import config_dir, train
 
 from helpers import run_entry_point
@@ -51,6 +57,53 @@ def test_momentum_copy_is_frozen_and_ema_follows_the_formula(encoder: DualEncode
     ema_update(twin, encoder, momentum=0.0)  # momentum 0: the copy equals the online towers
     for new, online in zip(twin.parameters(), encoder.parameters(), strict=True):
         assert torch.equal(new, online)
+
+
+def _text_lengths_seen(encoder: DualEncoder, tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The text features of ``tokens`` and the sequence lengths the text transformer ran on."""
+    seen: list[int] = []
+    hook = encoder.model.transformer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    try:
+        return encoder.encode_text(tokens), seen
+    finally:
+        hook.remove()
+
+
+def test_training_batches_run_the_text_tower_only_up_to_their_longest_caption() -> None:
+    torch.manual_seed(0)
+    encoder = DualEncoder("fne-tiny")
+    captions = ["a red circle", "two small stars on a dotted background above a big blue square", "dots"]
+    tokens = encoder.tokenizer(captions)
+    longest = int((tokens != 0).sum(dim=1).max())  # start, words, end token
+    assert tokens.shape[1] == 32 and longest < 20
+    encoder.train()
+    trimmed, seen = _text_lengths_seen(encoder, tokens)
+    assert seen == [longest]
+    full = encoder.model.encode_text(tokens, normalize=True)  # open_clip's own, at the full context
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-6)
+    # The same gradients: the cut positions sent none back through the causal mask.
+    weights = torch.randn_like(full)
+    grads = [torch.autograd.grad((features * weights).sum(), list(encoder.model.transformer.parameters())
+                                 + [encoder.model.token_embedding.weight, encoder.model.positional_embedding])
+             for features in (encoder.encode_text(tokens), encoder.model.encode_text(tokens, normalize=True))]
+    for got, expected in zip(*grads, strict=True):  # rounding only: far below each gradient's scale
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    # Evaluation embeds every caption at the full context, whatever its batch.
+    encoder.eval()
+    features, seen = _text_lengths_seen(encoder, tokens[:1])
+    assert seen == [32]
+    assert torch.equal(features, encoder.model.encode_text(tokens[:1], normalize=True))
+    encoder.train()
+    encoder.trim_text = False
+    assert _text_lengths_seen(encoder, tokens)[1] == [32]
+
+
+@pytest.mark.parametrize("text_cfg, trimmable", [({}, True), ({"no_causal_mask": True}, False),
+                                                 ({"pool_type": "last"}, False)])
+def test_only_causal_towers_pooling_at_the_end_token_are_trimmed(text_cfg: dict, trimmable: bool) -> None:
+    base = open_clip.get_model_config("fne-tiny")["text_cfg"]
+    model = open_clip.create_model("fne-tiny", text_cfg={**base, **text_cfg})
+    assert text_trimmable(model) is trimmable
 
 
 def test_unknown_model_name_is_one_clear_error() -> None:
