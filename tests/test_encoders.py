@@ -106,6 +106,11 @@ def test_only_causal_towers_pooling_at_the_end_token_are_trimmed(text_cfg: dict,
     assert text_trimmable(model) is trimmable
 
 
+def test_a_trim_text_that_is_not_a_boolean_is_one_clear_error() -> None:
+    with pytest.raises(FNEError, match="model.trim_text='no': expected true or false"):
+        DualEncoder("fne-tiny", trim_text="no")  # a string would read as true
+
+
 def test_unknown_model_name_is_one_clear_error() -> None:
     with pytest.raises(FNEError, match="model.name='ViT-Q-99'"):
         DualEncoder("ViT-Q-99")

@@ -236,6 +236,7 @@ class DualEncoder(nn.Module):
         trim_text: bool = True,
     ) -> None:
         super().__init__()
+        check(isinstance(trim_text, bool), "model.trim_text", "true or false", trim_text)
         schema = next((s for s in SCHEMAS if name.startswith(s)), None)
         check(not (schema and pretrained), "model.pretrained", f"null with model.name={name!r} (open_clip takes "
               "the weights from that " + ("directory" if schema == "local-dir:" else "repo") + " and would "
