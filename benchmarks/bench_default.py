@@ -27,7 +27,8 @@ from omegaconf import open_dict
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fne_lightning.callbacks import RetrievalFigures  # noqa: E402
-from fne_lightning.train import config_dir, train  # noqa: E402
+from fne_lightning.train import train  # noqa: E402
+from fne_lightning.utils.config import config_dir  # noqa: E402
 
 
 class PhaseTimer(L.Callback):

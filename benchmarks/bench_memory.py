@@ -28,7 +28,8 @@ from omegaconf import open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fne_lightning.train import build, config_dir  # noqa: E402
+from fne_lightning.train import build  # noqa: E402
+from fne_lightning.utils.config import config_dir  # noqa: E402
 
 
 class MemoryLog(L.Callback):

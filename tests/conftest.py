@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fne_lightning.train import config_dir
+from fne_lightning.utils.config import config_dir
 
 os.environ.setdefault("WANDB_MODE", "offline")
 

@@ -132,7 +132,7 @@ def compose_task(task: str, overrides: list[str], output_dir: Path) -> DictConfi
     """The composed config of entry point ``task`` (``train``, ``evaluate``, ``export``) writing into ``output_dir``."""
     from hydra import compose, initialize_config_dir
 
-    from fne_lightning.train import config_dir
+    from fne_lightning.utils.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(task, overrides=overrides)

@@ -147,7 +147,7 @@ def test_entry_point_ddp_run_writes_metrics_once(cache_dir: Path, tmp_path: Path
 def test_slurm_launcher_config_follows_the_trainer(tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir
 
-    from fne_lightning.train import config_dir
+    from fne_lightning.utils.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "experiment=f30k_vse", "trainer=ddp",

@@ -22,7 +22,8 @@ from fne_lightning.models.encoders import (
     momentum_copy,
     text_trimmable,
 )
-from fne_lightning.train import config_dir, train
+from fne_lightning.train import train
+from fne_lightning.utils.config import config_dir
 
 from helpers import run_entry_point
 

@@ -64,3 +64,15 @@ def test_buffers_below_the_threshold_come_from_the_heap() -> None:
     assert out["applied"] is True
     assert out["default"] >= 40 * 2**20
     assert out["tuned"] == 0
+
+
+def test_benchmarks_read_the_training_setting_without_importing_the_entry_point() -> None:
+    """utils/malloc.py finds conf/ through utils/config.py, a lower floor: applying training's setting
+    outside a run neither imports ``fne_lightning.train`` (the old import cycle) nor Lightning."""
+    probe = ("import json, sys; from fne_lightning.utils.malloc import configure_like_training; "
+             "applied = configure_like_training('train'); "
+             "print(json.dumps([applied, 'fne_lightning.train' in sys.modules, 'lightning' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    applied, imported_train, imported_lightning = json.loads(out.stdout.strip().splitlines()[-1])
+    assert applied is GLIBC
+    assert not imported_train and not imported_lightning

@@ -17,7 +17,8 @@ from omegaconf import open_dict
 from fne_lightning.data import synthetic
 from fne_lightning.data.captions import clean_caption
 from fne_lightning.evaluate import evaluate
-from fne_lightning.train import config_dir, train
+from fne_lightning.train import train
+from fne_lightning.utils.config import config_dir
 
 from conftest import TINY_OVERRIDES, compose_config
 

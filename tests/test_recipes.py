@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 
 from fne_lightning.losses import FNELoss, VSELoss
 from fne_lightning.module import RetrievalModule
-from fne_lightning.train import config_dir, normalize_experiment_args
+from fne_lightning.train import normalize_experiment_args
+from fne_lightning.utils.config import config_dir
 
 from conftest import compose_config
 from test_train import run_cli
@@ -107,3 +108,19 @@ def test_verbose_shows_library_lines_once(tmp_path: Path, cache_dir: Path) -> No
     quiet = log_messages((proc := run_cli(*args, cwd=tmp_path)).stdout + proc.stderr)
     assert proc.returncode == 0 and quiet
     assert {name.split(".")[0] for name, _ in quiet} == {"fne_lightning"}
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate", "export", "make_shards"])
+def test_each_entry_point_registers_the_resolvers_its_configs_use(entry: str) -> None:
+    """In a fresh interpreter, importing one entry point alone registers every custom resolver the
+    configs interpolate (conf/hydra/default.yaml's run directory needs ``run_name``): the test
+    process itself has imported all of them, which would hide a missing one."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (f"import json, fne_lightning.{entry}; from omegaconf import OmegaConf; "
+             "print(json.dumps([r for r in ('run_name', 'wandb_offline', 'hydra_choice') "
+             "if not OmegaConf.has_resolver(r)]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -17,7 +17,8 @@ from PIL import Image
 from fne_lightning.callbacks import SimilarityReservoir, wandb_tables
 from fne_lightning.fne.stats import confident_samples
 from fne_lightning.retrieval import examples, plots
-from fne_lightning.train import train, wandb_offline
+from fne_lightning.train import train
+from fne_lightning.utils.config import wandb_offline
 
 from conftest import TINY_OVERRIDES, compose_config
 

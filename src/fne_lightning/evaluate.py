@@ -27,7 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fne_lightning.errors import FNEError, check, report_user_errors
-from fne_lightning.train import config_dir
+from fne_lightning.utils.config import config_dir
 from fne_lightning.utils.report import atomic_write
 
 log = logging.getLogger(__name__)

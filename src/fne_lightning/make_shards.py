@@ -31,7 +31,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fne_lightning.errors import FNEError, check, report_user_errors
-from fne_lightning.train import config_dir
+from fne_lightning.utils.config import config_dir
 
 log = logging.getLogger(__name__)
 

@@ -10,66 +10,20 @@ errors answer quickly.
 from __future__ import annotations
 
 import logging
-import netrc
-import os
 import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fne_lightning.errors import report_user_errors
-from fne_lightning.utils.resume import resume_args, run_name
+from fne_lightning.utils.config import config_dir
+from fne_lightning.utils.resume import resume_args
 
 log = logging.getLogger(__name__)
-
-
-def config_dir() -> str:
-    """``conf/`` shipped inside the wheel, else the repository's (editable installs)."""
-    packaged = Path(__file__).parent / "conf"
-    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
-
-
-def wandb_offline() -> bool:
-    """``logger=wandb`` runs offline unless the user is logged in to W&B.
-
-    Logged in: ``WANDB_API_KEY`` is set, or the netrc file (``$NETRC``, else ``~/.netrc``, where
-    ``wandb login`` writes) holds a key for the W&B host (``$WANDB_BASE_URL``, else
-    api.wandb.ai). ``WANDB_MODE=online`` / ``offline`` decides outright. Read from the
-    environment only: no network, no prompt, so a sweep never hangs on a login.
-    """
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode in ("online", "run"):
-        return False
-    if mode in ("offline", "dryrun", "disabled"):
-        return True
-    if os.environ.get("WANDB_API_KEY"):
-        return False
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is None
-    except (OSError, netrc.NetrcParseError):
-        return True
-
-
-def hydra_choice(group: str, default: str = "none") -> str:
-    """The option chosen for a config group (``experiment``, ``loss``), or ``default`` outside a Hydra run."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return default
-    return str(HydraConfig.get().runtime.choices.get(group) or default)
-
-
-# Used by conf/logger/wandb.yaml: ${wandb_offline:} and ${hydra_choice:experiment}; by
-# conf/hydra/default.yaml: ${run_name:${task_name}} (a timestamp, or slurm-<job id> under SLURM).
-OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
-OmegaConf.register_new_resolver("hydra_choice", hydra_choice, replace=True)
-OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 # The paper's recipe for each real dataset: what `data=<name>` without an experiment should use.

@@ -72,6 +72,6 @@ def configure_like_training(choice: str) -> bool:
         return False
     from omegaconf import OmegaConf
 
-    from fne_lightning.train import config_dir
+    from fne_lightning.utils.config import config_dir
 
     return configure_malloc(OmegaConf.load(f"{config_dir()}/train.yaml").get("malloc"))
