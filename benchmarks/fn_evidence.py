@@ -23,7 +23,7 @@ evidence give the same AUC in both; only ``score_minus_own`` differs.
 
 It also draws, for the first run, the distributions of the candidate scores per class with the
 Gaussians the run's FNE loss had fitted (from ``last.ckpt``) and their posterior at the
-published prior, and writes ``fn_evidence.{json,md,png}`` into ``--out``.
+published prior, and writes ``fn_evidence_<date>_<machine>.{json,md,png}`` into ``--out``.
 
     python benchmarks/fn_evidence.py outputs/bench_synthetic_fn/fne/seed{0,1,2,3,4} --out benchmarks/results
 """
@@ -39,6 +39,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_name.py beside this script
+from results_name import result_name  # noqa: E402
 
 LAMBDAS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -171,7 +174,7 @@ def main() -> None:
         cands = candidates(embed(run, args.out))
         per_run[str(run)] = measure(cands)
         if i == 0:
-            figure(cands, gaussians(run), args.out / "fn_evidence.png",
+            figure(cands, gaussians(run), args.out / result_name("fn_evidence", "png"),
                    f"{run}: test-split candidates of the trained model, with the Gaussians its FNE loss fitted")
     keys = list(next(iter(per_run.values())))
     summary = {k: round(statistics.fmean(r[k] for r in per_run.values()), 4) for k in keys}
@@ -187,8 +190,8 @@ def main() -> None:
               f"{len(per_run)} run(s).\n")
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fn_evidence.md").write_text(table)
-    (args.out / "fn_evidence.json").write_text(json.dumps({"runs": per_run, "mean": summary}, indent=1))
+    (args.out / result_name("fn_evidence", "md")).write_text(table)
+    (args.out / result_name("fn_evidence", "json")).write_text(json.dumps({"runs": per_run, "mean": summary}, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ against ``vsepp`` and against the published ``fne`` (per-seed paired differences
 95% t-interval), and writes them as markdown and JSON into ``--out``. Runs whose ``metrics.json`` exists are skipped, so an
 interrupted benchmark resumes.
 
-    python benchmarks/synthetic_fn.py --seeds 0 1 2 3 4       # the README table (35-45 min on 2 cores)
+    python benchmarks/synthetic_fn.py --seeds 0 1 2 3 4       # docs: results/synthetic-fn (35-45 min on 2 cores)
     python benchmarks/synthetic_fn.py --seeds 0 --smoke        # tiny data, 1 epoch each: checks it runs
-    python benchmarks/synthetic_fn.py --rebase benchmarks/results/synthetic_fn_2026-12-02.json
+    python benchmarks/synthetic_fn.py --rebase benchmarks/results/synthetic_fn_2026-12-02_cpu-2core.json
                                           # no runs: the stored result's variants against fne
 """
 
@@ -34,13 +34,16 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_name.py beside this script
+from results_name import result_name  # noqa: E402
+
 METHODS = {
     "vsepp": ["loss=vsepp"],
     "fne_hardest": ["loss=fne", "loss.selection=hardest"],
     "fne": ["loss=fne"],
     "fne_complement": ["loss=fne", "loss.weighting=complement"],
     "fne_complement_prior": ["loss=fne", "loss.weighting=complement", "loss.match_prior=0.01"],
-    # Beyond the published rule (README, "Beyond the published rule"), one idea per row, then together.
+    # Beyond the published rule (docs: results/synthetic-fn), one idea per row, then together.
     "fne_estimated_prior": ["loss=fne", "loss.weighting=complement", "loss.prior=estimated"],
     "fne_exclude": ["loss=fne", "loss.exclude=0.5"],
     "fne_estimated_exclude": ["loss=fne", "loss.prior=estimated", "loss.exclude=0.5"],
@@ -203,9 +206,10 @@ def main() -> None:
     table = markdown(rows, pairs, pairs_fne)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "synthetic_fn.md").write_text(table)
-    (args.out / "synthetic_fn.json").write_text(json.dumps({"methods": rows, "paired": pairs, "paired_fne": pairs_fne},
-                                                           indent=1))
+    # Named by date and machine (results_name.py), ready to be copied into benchmarks/results/.
+    (args.out / result_name("synthetic_fn", "md")).write_text(table)
+    (args.out / result_name("synthetic_fn", "json")).write_text(
+        json.dumps({"methods": rows, "paired": pairs, "paired_fne": pairs_fne}, indent=1))
 
 
 if __name__ == "__main__":
