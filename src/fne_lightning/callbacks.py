@@ -3,13 +3,13 @@
 * :class:`LastCheckpoint`: ``last.ckpt`` every N steps, at the end, and on SIGTERM / Ctrl-C.
 * :class:`Requeue`: SIGTERM, and inside a SLURM job SLURM's warning signal, write ``last.ckpt`` at the
   next step boundary on every rank together and stop (the warning also requeues the job;
-  ``utils/resume.py`` says why Lightning's own requeue is not used).
+  :mod:`fne_lightning.utils.resume` says why Lightning's own requeue is not used).
 * :class:`RetrievalFigures`: at the end of validation epochs, the similarity histograms that FNE
   fits its Gaussians to (with the Gaussians, p_fn and the cut-down) and validation retrieval
   examples, as PNGs and, with a ``WandbLogger``, W&B images and tables. The samples come from
   :class:`SimilarityReservoir`, filled from each training step's online features.
 
-The module knows nothing of either: figures read what the loss exposes through
+The module knows nothing of the figures: they read what the loss exposes through
 :meth:`~fne_lightning.losses.base.RetrievalLoss.posterior_view` and what the training step
 returns.
 """
@@ -44,12 +44,19 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 500) -> None:
+        """A ``ModelCheckpoint`` that keeps only ``last.ckpt``.
+
+        Args:
+            dirpath: the checkpoint directory (the run's ``checkpoints/``).
+            every_n_train_steps: steps between two saves (config key ``checkpoint.every_n_steps``).
+        """
         check(every_n_train_steps >= 1, "checkpoint.every_n_steps", "an integer >= 1", every_n_train_steps)
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
                          enable_version_counter=False)
 
     @property
     def last_path(self) -> Path:
+        """The path of ``last.ckpt`` in ``dirpath``."""
         return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -82,14 +89,20 @@ class Requeue(L.Callback):
     from inside the handler, which can meet another collective of the step on a rank that was
     not signalled at the same moment (we saw two gloo ranks hang that way); it is replaced while
     training runs and restored afterwards.
-
-    Args:
-        signals: requeue signal names, e.g. ``[SIGUSR1, SIGUSR2]`` (sbatch ``--signal=USR1@120``;
-            submitit uses USR2).
-        enabled: requeue ``auto`` (inside SLURM jobs), true or false. SIGTERM is always handled.
     """
 
     def __init__(self, signals: list[str] | None = None, enabled: bool | str = "auto") -> None:
+        """Check the settings (config keys ``requeue.<name>``); the handlers are installed at train start.
+
+        Args:
+            signals: requeue signal names, e.g. ``[SIGUSR1, SIGUSR2]`` (sbatch
+                ``--signal=USR1@120``; submitit uses USR2); default both.
+            enabled: requeue ``auto`` (inside SLURM jobs), True or False. SIGTERM is always
+                handled.
+
+        Raises:
+            FNEError: a name that is not a signal (or is SIGTERM), or a bad ``enabled``.
+        """
         names = list(signals or ["SIGUSR1", "SIGUSR2"])
         for name in names:
             if not isinstance(getattr(signal, str(name), None), signal.Signals) or name == "SIGTERM":
@@ -157,14 +170,24 @@ class Requeue(L.Callback):
 class SimilarityReservoir:
     """Ring buffers of the most recent confident positive and negative similarities.
 
-    ``add`` takes the same in-batch online similarities as ``SimilarityStats.update`` and keeps
-    the samples the Gaussians are fitted on (``stats.confident_samples``): S_ii of confidently
-    matched pairs and their hardest in-batch negatives. Entries that are not samples are stored
+    :meth:`add` takes the same in-batch online similarities as
+    :meth:`SimilarityStats.update <fne_lightning.fne.stats.SimilarityStats.update>` and keeps
+    the samples the Gaussians are fitted on
+    (:func:`~fne_lightning.fne.stats.confident_samples`): S_ii of confidently matched pairs and
+    their hardest in-batch negatives. Entries that are not samples are stored
     as NaN, so every write has a fixed size and the pointer is a host integer: no host sync in
-    the training step. ``samples()`` (once per epoch) syncs and drops the NaNs.
+    the training step. :meth:`samples` (once per epoch) syncs and drops the NaNs.
     """
 
     def __init__(self, capacity: int = 4096) -> None:
+        """Create empty buffers (allocated on the device of the first batch).
+
+        Args:
+            capacity: positive samples kept (and twice as many negatives).
+
+        Raises:
+            ValueError: ``capacity < 1``.
+        """
         if capacity < 1:
             raise ValueError(f"capacity={capacity}: expected >= 1")
         self.capacity = capacity
@@ -173,6 +196,7 @@ class SimilarityReservoir:
         self._ptr = [0, 0]
 
     def reset(self) -> None:
+        """Forget every sample (at the start of an epoch)."""
         if self.pos is not None:
             self.pos.fill_(float("nan"))
             self.neg.fill_(float("nan"))
@@ -180,7 +204,13 @@ class SimilarityReservoir:
 
     @torch.no_grad()
     def add(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor) -> None:
-        """One batch: online features (B, D) of pair i and image ids (B,)."""
+        """Keep the confident samples of one training batch.
+
+        Args:
+            image_features: (B, D) online image features; row i belongs to pair i.
+            text_features: (B, D) online caption features.
+            image_ids: (B,) image indices (captions of one image are never negatives).
+        """
         v, t = image_features.detach().float(), text_features.detach().float()
         same = image_ids[:, None] == image_ids[None, :]  # (B, B)
         with torch.autocast(v.device.type, enabled=False):  # fp32, as the statistics (bf16 under autocast)
@@ -198,7 +228,11 @@ class SimilarityReservoir:
             self._ptr[k] = (self._ptr[k] + n) % buf.numel()
 
     def samples(self) -> tuple[np.ndarray, np.ndarray]:
-        """(positives, negatives) seen so far, as float64 NumPy arrays (host sync)."""
+        """The samples kept so far (one host sync).
+
+        Returns:
+            ``(positives, negatives)``: 1-D float64 NumPy arrays.
+        """
         if self.pos is None:
             return np.zeros(0), np.zeros(0)
         pos, neg = self.pos.double().cpu().numpy(), self.neg.double().cpu().numpy()
@@ -207,9 +241,17 @@ class SimilarityReservoir:
 
 def wandb_tables(text_rows: Sequence[Any], image_rows: Sequence[Any],
                  image: Callable[[Any, str], Any] = lambda im, label: im) -> dict[str, tuple[list, list]]:
-    """Columns and rows of two tables (``t2i`` and ``i2t``) of retrieval examples (``plots.example_rows``).
+    """Columns and rows of two tables of retrieval examples, ``t2i`` and ``i2t``.
 
-    ``image(picture, label)`` wraps each picture (e.g. ``wandb.Image(picture, caption=label)``).
+    Args:
+        text_rows: caption queries with their image results
+            (:func:`~fne_lightning.retrieval.plots.example_rows`).
+        image_rows: image queries with their caption results.
+        image: wraps each picture with its label (e.g. ``wandb.Image(picture, caption=label)``);
+            default the picture itself.
+
+    Returns:
+        ``{"t2i": (columns, rows), "i2t": (columns, rows)}``.
     """
     from fne_lightning.retrieval.examples import MARKS
 
@@ -221,21 +263,31 @@ def wandb_tables(text_rows: Sequence[Any], image_rows: Sequence[Any],
 
 
 class RetrievalFigures(Callback):
-    """Figures of the validation epochs of a fit: ``<run dir>/figures/{similarities,retrievals}_epochNNN.png``
-    (run dir: the trainer's ``default_root_dir``) and, with a ``WandbLogger``, the same as W&B images
-    plus two example tables (rank zero). Config: the top-level ``figures`` keys.
+    """Figures of the validation epochs of a fit, as PNG files and W&B media.
 
-    Args:
-        enabled: False turns the callback into a no-op.
-        every_n_epochs: draw on epochs divisible by this.
-        num_examples: captions and images shown as queries (0: the similarity figure only).
-        top_k: results shown per query.
-        sample_size: recent confident positive similarities kept for the histograms (twice as many
-            negatives).
+    ``<run dir>/figures/{similarities,retrievals}_epochNNN.png`` (run dir: the trainer's
+    ``default_root_dir``) and, with a ``WandbLogger``, the same as W&B images plus two example
+    tables (rank zero). The similarity figure is
+    :func:`~fne_lightning.retrieval.plots.similarity_figure` of this epoch's training samples
+    (:class:`SimilarityReservoir`), the retrieval figure
+    :func:`~fne_lightning.retrieval.plots.retrieval_figure` of validation queries.
     """
 
     def __init__(self, enabled: bool = True, every_n_epochs: int = 1, num_examples: int = 4, top_k: int = 5,
                  sample_size: int = 4096) -> None:
+        """Check the settings (the top-level config keys ``figures.<name>``).
+
+        Args:
+            enabled: False turns the callback into a no-op.
+            every_n_epochs: draw on epochs divisible by this.
+            num_examples: captions and images shown as queries (0: the similarity figure only).
+            top_k: results shown per query.
+            sample_size: recent confident positive similarities kept for the histograms (twice
+                as many negatives).
+
+        Raises:
+            FNEError: a value out of range, naming its key.
+        """
         for key, value, low in (("every_n_epochs", every_n_epochs, 1), ("sample_size", sample_size, 1),
                                 ("num_examples", num_examples, 0), ("top_k", top_k, 0)):
             check(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"figures.{key}",

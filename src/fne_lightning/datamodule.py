@@ -1,4 +1,6 @@
-"""LightningDataModule for image-caption data (Lightning glue #2 of 2).
+"""LightningDataModules for image-caption data.
+
+With ``module.py`` and ``callbacks.py``, the only code that imports Lightning.
 
 Training serves (image, tokens, image index, caption index) pairs, one per caption.
 Validation and test serve two loaders, unique images and all captions, so that every image
@@ -7,8 +9,9 @@ them with ``text_to_image`` and the split's positives.
 
 ``CaptionDataModule`` reads Flickr30K, MS-COCO or any Karpathy/ALBEF-format dataset;
 ``SyntheticDataModule`` first renders the built-in synthetic benchmark into a cache;
-``ShardDataModule`` streams training pairs from WebDataset shards (``data/shards.py``) and takes
-validation and test from one of the others.
+``ShardDataModule`` streams training pairs from WebDataset shards
+(:mod:`fne_lightning.data.shards`) and takes validation and test from one of the others
+(``ShardEvalDataModule`` reads them from shards too).
 """
 
 from __future__ import annotations
@@ -93,30 +96,11 @@ def resolve_loader_settings(num_workers: int | str, pin_memory: bool | str, key:
 class CaptionDataModule(L.LightningDataModule):
     """Karpathy-format (``format=karpathy``) or ALBEF-format (``format=albef``) caption data.
 
-    Args:
-        root: dataset directory (checked to exist).
-        annotations: Karpathy JSON path, or for ALBEF a mapping ``{train, val, test}`` of paths.
-        image_root: directory the image paths in the annotations are relative to (default root).
-        splits: Karpathy split names per stage (COCO's ``restval`` joins train).
-        preload_images: decode every image once at set-up and keep it in memory (small datasets).
-        cache_inputs: keep each caption's tokens, and each image tensor where the transform is
-            deterministic (evaluation; training without augmentation), after first use.
-        augment: ``crop_scale``, ``hflip``, ``randaugment`` of the training transform.
-        caption: ``lowercase``, ``strip_punctuation``, ``max_words`` of caption cleaning.
-        positives: extra-positives file ``{"<imgid>": [sentid, ...]}`` (FNE_SPEC section 10) for a
-            Karpathy JSON; default ``<annotations stem>.positives.json`` beside it, when it exists.
-        test_folds: also score the test split as this many consecutive equal folds, averaged
-            (COCO 1K = 5 folds of the 5K test set); None = the whole split only.
-        on_bad_image: every image is checked at set-up (missing, not an image, truncated):
-            ``error`` stops with the first bad file named; ``skip`` drops bad images with their
-            captions, logging each and the count.
-        shuffle_seed: training order of epoch e is a function of (shuffle_seed, e) only (the
-            run's ``seed``), which makes resuming from a checkpoint exact, mid-epoch included.
-        image_config, tokenizer: supplied by the encoder at run time (size, normalisation, tokens).
-        num_workers: loader processes; ``auto`` = the CPU cores this process may use, at most 4.
-        pin_memory: page-locked batches for fast host-to-GPU copies; ``auto`` = when CUDA is present.
-        config_key: how errors name this config's keys: ``data`` (``data.<key>``), or ``data.eval``
-            for the evaluation config of ``data=webdataset`` (set by that config).
+    ``data=karpathy``, ``f30k``, ``coco`` and ``albef`` in the config. Training serves
+    ``(image, tokens, image index, caption index)`` batches, one item per caption, in an order
+    that resumes exactly (:mod:`fne_lightning.data.order`); validation and test serve two
+    loaders, the split's images and its captions, each item once. The image size, normalisation
+    and tokenizer come from the encoder (:meth:`use_encoder`).
     """
 
     def __init__(
@@ -142,6 +126,48 @@ class CaptionDataModule(L.LightningDataModule):
         tokenizer: Callable | None = None,
         config_key: str = "data",
     ) -> None:
+        """Check the settings (config keys ``data.<name>``); nothing is read before set-up.
+
+        Args:
+            root: dataset directory (checked to exist).
+            annotations: Karpathy JSON path, or for ALBEF a mapping ``{train, val, test}`` of paths.
+            image_root: directory the image paths in the annotations are relative to (default
+                ``root``).
+            format: ``karpathy`` or ``albef``.
+            splits: Karpathy split names per stage (COCO's ``restval`` joins train).
+            batch_size: training pairs per batch and process.
+            eval_batch_size: images, or captions, per evaluation batch.
+            num_workers: loader processes; ``auto``: the CPU cores this process may use, at most 4.
+            pin_memory: page-locked batches for fast host-to-GPU copies; ``auto``: when CUDA is
+                present.
+            preload_images: decode every image once at set-up and keep it in memory (small
+                datasets).
+            cache_inputs: keep each caption's tokens, and each image tensor where the transform is
+                deterministic (evaluation; training without augmentation), after first use.
+            augment: ``crop_scale``, ``hflip``, ``randaugment`` of the training transform
+                (:func:`~fne_lightning.data.transforms.build_transform`).
+            caption: ``lowercase``, ``strip_punctuation``, ``max_words`` of caption cleaning
+                (:func:`~fne_lightning.data.captions.clean_caption`).
+            positives: extra-positives file ``{"<imgid>": [sentid, ...]}`` (FNE_SPEC section 10)
+                for a Karpathy JSON; default ``<annotations stem>.positives.json`` beside it, when
+                it exists.
+            test_folds: also score the test split as this many consecutive equal folds, averaged
+                (COCO 1K: 5 folds of the 5K test set); None: the whole split only.
+            on_bad_image: every image is checked at set-up (missing, not an image, truncated):
+                ``error`` stops with the first bad file named; ``skip`` drops bad images with their
+                captions, logging each and the count.
+            shuffle_seed: the training order of epoch e is a function of (shuffle_seed, e) only
+                (the run's ``seed``), which makes resuming from a checkpoint exact, mid-epoch
+                included.
+            image_config: the encoder's image size and normalisation, supplied at run time.
+            tokenizer: the encoder's tokenizer, supplied at run time.
+            config_key: how errors name this config's keys: ``data`` (``data.<key>``), or
+                ``data.eval`` for the evaluation config of ``data=webdataset`` (set by that
+                config).
+
+        Raises:
+            FNEError: a bad value, naming its key.
+        """
         super().__init__()
         k = config_key
         check(format in ("karpathy", "albef"), f"{k}.format", "karpathy or albef", format)
@@ -182,12 +208,22 @@ class CaptionDataModule(L.LightningDataModule):
         self._images: dict[str, ImageStore] = {}
 
     def use_encoder(self, image_config: ImageConfig, tokenizer: Callable) -> None:
-        """Take image size/normalisation and the tokenizer from the encoder."""
+        """Take the image size, the normalisation and the tokenizer from the encoder.
+
+        Args:
+            image_config: the encoder's :attr:`~fne_lightning.models.encoders.DualEncoder.image_config`.
+            tokenizer: the encoder's tokenizer (list of captions -> (n, L) tokens).
+        """
         self.image_config, self.tokenizer = image_config, tokenizer
 
     def load_all(self) -> None:
-        """Parse every split and check its images now, so bad data (a missing root or annotation
-        file included) fails before a model is built."""
+        """Parse every split and check its images now, so bad data fails before a model is built.
+
+        Bad data includes a missing root or annotation file.
+
+        Raises:
+            FNEError: the first problem found, naming its file or key.
+        """
         for stage in STAGES:
             self.load_split(stage)
 
@@ -203,7 +239,15 @@ class CaptionDataModule(L.LightningDataModule):
         return Path(self.annotations)
 
     def load_split(self, stage: str) -> CaptionSplit:
-        """Parse (once) the annotations of ``stage`` in train/val/test."""
+        """The split of ``stage``, parsed (once) from the annotations and its images checked.
+
+        Args:
+            stage: ``train``, ``val`` or ``test``.
+
+        Raises:
+            FNEError: a missing root or annotation file, a malformed entry, a bad image (with
+                ``on_bad_image=error``), or ``test_folds`` not dividing the test images.
+        """
         if stage not in self.data:
             if not Path(self.root).is_dir():
                 raise FNEError(f"{self.config_key}.root={str(self.root)!r}: directory not found")
@@ -242,7 +286,12 @@ class CaptionDataModule(L.LightningDataModule):
         return self._images[stage]
 
     def image(self, stage: str, i: int) -> Any:
-        """The RGB image ``i`` of split ``stage`` (as PIL decodes it, before any transform)."""
+        """The RGB image ``i`` of split ``stage``, as PIL decodes it, before any transform.
+
+        Args:
+            stage: ``train``, ``val`` or ``test``.
+            i: the image index in that split.
+        """
         self.load_split(stage)
         return self._store(stage)[i]
 
@@ -297,14 +346,27 @@ class CaptionDataModule(L.LightningDataModule):
 
 
 class SyntheticDataModule(CaptionDataModule):
-    """The built-in synthetic benchmark, rendered on first use into ``cache_dir``.
+    """The built-in synthetic benchmark (``data=synthetic``), rendered on first use into ``cache_dir``.
 
     Its Karpathy JSON carries a ``.positives.json`` listing every caption that truly describes
-    each image, so multi-positive metrics and false-negative rates are always available.
+    each image, so multi-positive metrics and false-negative rates are always available
+    (:mod:`fne_lightning.data.synthetic`).
     """
 
     def __init__(self, cache_dir: str, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
                  image_size: int = 64, seed: int = 0, **kwargs: Any) -> None:
+        """Check the settings; the dataset is rendered (once, by rank 0) in ``prepare_data``.
+
+        Args:
+            cache_dir: where the rendered datasets are kept (one directory per setting).
+            num_train: training images (five captions each).
+            num_val: validation images.
+            num_test: test images.
+            image_size: the side of the rendered images in pixels.
+            seed: the seed of the scenes and captions.
+            **kwargs: the other arguments of :class:`CaptionDataModule` (not ``root`` or
+                ``annotations``).
+        """
         for key in ("root", "annotations"):  # e.g. `+data.root=...` left over from a real-data command
             check(kwargs.get(key) is None, f"{kwargs.get('config_key', 'data')}.{key}", "no value for data=synthetic (it is rendered into "
                   "data.cache_dir; use data=karpathy for a dataset on disk)", kwargs.get(key))
@@ -319,7 +381,7 @@ class SyntheticDataModule(CaptionDataModule):
         return build_synthetic(self.root, **self.synthetic)
 
     def load_all(self) -> None:
-        """Nothing to check early: rendered by rank 0 in prepare_data, known to be well formed."""
+        """Nothing to check early: the data is rendered by rank 0 in ``prepare_data``, well formed."""
 
     def prepare_data(self) -> None:
         self._build()  # rank 0 renders; the write is atomic, so other ranks never see half a dataset
@@ -332,27 +394,35 @@ class SyntheticDataModule(CaptionDataModule):
 
 
 class ShardEvalDataModule(CaptionDataModule):
-    """Validation and test splits read from WebDataset shards (e.g. ``make_shards`` of a Karpathy
-    val/test split), for ``data=webdataset``'s ``data.eval`` or for ``evaluate``.
+    """Validation and test splits read from WebDataset shards (``data.eval`` of ``data=webdataset``).
 
-    Each split's shards are read whole into memory at set-up (encoded images, captions): unique
-    images by image id, every caption, in text-id order (the annotations' order for shards that
-    ``make_shards`` wrote), so the metrics are the same R@K / rsum / multi-positive numbers as
-    from the annotations. It has no training split.
-
-    Args:
-        val_shards, test_shards: shard paths or URLs (brace patterns, ``::`` lists, lists).
-        val_positives, test_positives: extra positives ``{"<image_id>": [text_id, ...]}`` in the
-            shards' ids: a file, ``auto`` (the one the ``make_shards`` index names) or null.
-        image_id, text_id_field, on_bad_image: as for :class:`ShardDataModule`.
-        Others as for :class:`CaptionDataModule` (``eval_batch_size``, ``test_folds``, ``caption``,
-        ``cache_inputs``, ``preload_images``, ``num_workers``, ``pin_memory``, ...).
+    Also what ``evaluate`` reads shards with; the shards are typically ``make_shards`` of a
+    Karpathy val/test split. Each split's shards are read whole into memory at set-up (encoded
+    images, captions): unique images by image id, every caption, in text-id order (the
+    annotations' order for shards that ``make_shards`` wrote), so the metrics are the same R@K /
+    rsum / multi-positive numbers as from the annotations. It has no training split.
     """
 
     def __init__(self, val_shards: str | Sequence[str] | None = None, test_shards: str | Sequence[str] | None = None,
                  val_positives: str | None = "auto", test_positives: str | None = "auto",
                  image_id: Mapping[str, Any] | None = None, text_id_field: str | None = "text_id",
                  **kwargs: Any) -> None:
+        """Check the settings; the shards are read at set-up.
+
+        Args:
+            val_shards: the validation split's shard paths or URLs (brace patterns, ``::``
+                lists, lists).
+            test_shards: the test split's.
+            val_positives: extra positives ``{"<image_id>": [text_id, ...]}`` in the shards' ids:
+                a file, ``auto`` (the one the ``make_shards`` index names) or None.
+            test_positives: the same for the test split.
+            image_id: as for :class:`ShardDataModule`.
+            text_id_field: as for :class:`ShardDataModule`.
+            **kwargs: the other arguments of :class:`CaptionDataModule` (``eval_batch_size``,
+                ``test_folds``, ``caption``, ``cache_inputs``, ``preload_images``,
+                ``num_workers``, ``pin_memory``, ``on_bad_image``, ...; not ``root``,
+                ``annotations``, ``positives`` or ``image_root``).
+        """
         for key in ("root", "annotations", "positives", "image_root"):
             check(kwargs.get(key) is None, f"{kwargs.get('config_key', 'data')}.{key}",
                   "no value for shards (val_shards / test_shards name them)", kwargs.get(key))
@@ -412,26 +482,11 @@ class ShardEvalDataModule(CaptionDataModule):
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Training pairs streamed from WebDataset shards; validation and test from ``eval``.
+    """Training pairs streamed from WebDataset shards (``data=webdataset``); evaluation from ``eval``.
 
-    Args:
-        train_shards: shard paths or URLs: a brace pattern, ``::``-joined patterns, or a list.
-        train_num_samples: samples per epoch (all ranks together): every rank trains
-            ``train_num_samples // (batch_size * world)`` full batches each epoch.
-        eval: the data module (any other data config) whose val/test splits are evaluated, exactly
-            as when training on it; its training split is never read.
-        resampled: draw shards with replacement (each epoch a fresh sample of the shards).
-        shuffle_buffer: samples shuffled in each reader's buffer (0: shard order).
-        image_id: ``field`` of ``<key>.json`` holding the image id, and ``key_separator`` (image id =
-            the key up to its last separator) when the json lacks it; neither: the key.
-        text_id_field: the ``<key>.json`` field holding the caption's id (``make_shards`` writes
-            ``text_id``); without it, the hashed key.
-        train_positives: which (image id, text id) pairs truly match, ``{"<image_id>": [text_id, ...]}``
-            (integer ids), for the false-negative diagnostics of training: a file, ``auto`` (the one
-            the ``make_shards`` index beside the shards names, if any) or null (none).
-        on_bad_image: ``error`` stops at the first bad shard or sample, named; ``skip`` logs and skips it.
-        augment, caption, num_workers, pin_memory, shuffle_seed, image_config, tokenizer: as for
-            :class:`CaptionDataModule`.
+    The stream (:class:`~fne_lightning.data.shards.ShardStream`) is never held in memory; each
+    epoch is ``train_num_samples // (batch_size * world)`` full batches on every rank, and a run
+    resumes inside an epoch exactly. Bad input stops every rank together, each with one line.
     """
 
     def __init__(
@@ -454,6 +509,39 @@ class ShardDataModule(L.LightningDataModule):
         image_config: ImageConfig | Mapping[str, Any] | None = None,
         tokenizer: Callable | None = None,
     ) -> None:
+        """Check the settings (config keys ``data.<name>``); the shards are opened by the loader.
+
+        Args:
+            train_shards: shard paths or URLs: a brace pattern, ``::``-joined patterns, or a list.
+            train_num_samples: samples per epoch (all ranks together): every rank trains
+                ``train_num_samples // (batch_size * world)`` full batches each epoch.
+            eval: the data module (any other data config) whose val/test splits are evaluated,
+                exactly as when training on it; its training split is never read.
+            batch_size: training pairs per batch and process.
+            num_workers: as for :class:`CaptionDataModule`.
+            pin_memory: as for :class:`CaptionDataModule`.
+            resampled: draw shards with replacement (each epoch a fresh sample of the shards).
+            shuffle_buffer: samples shuffled in each reader's buffer (0: shard order).
+            image_id: ``field`` of ``<key>.json`` holding the image id, and ``key_separator``
+                (image id = the key up to its last separator) when the json lacks it; neither:
+                the key.
+            text_id_field: the ``<key>.json`` field holding the caption's id (``make_shards``
+                writes ``text_id``); without it, the hashed key.
+            train_positives: which (image id, text id) pairs truly match,
+                ``{"<image_id>": [text_id, ...]}`` (integer ids), for the false-negative
+                diagnostics of training: a file, ``auto`` (the one the ``make_shards`` index
+                beside the shards names, if any) or None (none).
+            on_bad_image: ``error`` stops at the first bad shard or sample, named; ``skip`` logs
+                and skips it.
+            augment: as for :class:`CaptionDataModule`.
+            caption: as for :class:`CaptionDataModule`.
+            shuffle_seed: as for :class:`CaptionDataModule`.
+            image_config: as for :class:`CaptionDataModule`.
+            tokenizer: as for :class:`CaptionDataModule`.
+
+        Raises:
+            FNEError: a bad value, naming its key.
+        """
         super().__init__()
         check(isinstance(train_shards, (str, Sequence)) and bool(train_shards), "data.train_shards",
               "shard paths or URLs (e.g. '/data/cc3m/{00000..00331}.tar', patterns joined with ::)", train_shards)
@@ -493,7 +581,14 @@ class ShardDataModule(L.LightningDataModule):
         self.eval.use_encoder(image_config, tokenizer)
 
     def shards(self) -> list[str]:
-        """The expanded shard list; local shards are checked to exist (``skip``: dropped, logged)."""
+        """The expanded list of training shards; local shards are checked to exist.
+
+        With ``on_bad_image=skip`` missing shards are dropped (and logged), else the first one
+        is an error.
+
+        Raises:
+            FNEError: the list expands to no shard, or a shard is missing.
+        """
         if self._urls is None:
             urls = expand_shards(self.train_shards)
             if not urls:
@@ -517,10 +612,16 @@ class ShardDataModule(L.LightningDataModule):
             self.eval.load_split(stage)
 
     def load_split(self, stage: str) -> CaptionSplit:
-        """val/test: the eval module's split. train: no images or captions (the stream is never held
-        in memory), only the declared positives (``train_positives``) in the stream's (image id,
-        text id) pairs, which the false-negative diagnostics test the bank's candidates against;
-        without them the diagnostics are off."""
+        """The split of ``stage``: for val and test the ``eval`` module's.
+
+        For train, a split without images or captions (the stream is never held in memory):
+        only the declared positives (``train_positives``) as (image id, text id) pairs of the
+        stream, which the false-negative diagnostics test the bank's candidates against;
+        without them the diagnostics are off.
+
+        Args:
+            stage: ``train``, ``val`` or ``test``.
+        """
         if stage != "train":
             return self.eval.load_split(stage)
         if self._train_split is None:

@@ -19,14 +19,30 @@ class FNEError(Exception):
 
 
 def check(condition: bool, key: str, expected: str, value: Any) -> None:
-    """Raise ``FNEError("<key>=<value>: expected <expected>")`` unless ``condition``."""
+    """Raise ``FNEError("<key>=<value>: expected <expected>")`` unless ``condition``.
+
+    Args:
+        condition: what must hold.
+        key: the config key (or file) the value comes from, e.g. ``loss.margin``.
+        expected: what was expected, e.g. ``a value >= 0``.
+        value: the value given.
+
+    Raises:
+        FNEError: ``condition`` is false.
+    """
     if not condition:
         raise FNEError(f"{key}={value!r}: expected {expected}")
 
 
 @contextlib.contextmanager
 def report_user_errors(exit_code: int = 2) -> Iterator[None]:
-    """Turn an :class:`FNEError` into one ``error: ...`` line on stderr and a non-zero exit."""
+    """Context manager: turn an :class:`FNEError` into one ``error: ...`` line on stderr and an exit.
+
+    Other exceptions pass through with their traceback.
+
+    Args:
+        exit_code: the exit status of a user error.
+    """
     try:
         yield
     except Exception as err:
@@ -39,8 +55,15 @@ def report_user_errors(exit_code: int = 2) -> Iterator[None]:
 
 
 def user_error(err: BaseException | None) -> FNEError | None:
-    """The :class:`FNEError` behind ``err`` (itself or a cause of it), if any. A config value left
-    ``???`` (mandatory, e.g. ``data.annotations`` of ``data=karpathy``) is one too."""
+    """The :class:`FNEError` behind ``err`` (itself or a cause of it), if any.
+
+    Hydra wraps errors raised by a target, so the chain of causes is searched. A config value
+    left ``???`` (mandatory, e.g. ``data.annotations`` of ``data=karpathy``) is a user error
+    too.
+
+    Args:
+        err: the exception raised, or None.
+    """
     from omegaconf.errors import MissingMandatoryValue
 
     seen = set()

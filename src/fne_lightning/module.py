@@ -1,6 +1,7 @@
-"""LightningModule for image-text matching (Lightning glue #1 of 2).
+"""LightningModule for image-text matching.
 
-Wires plain-PyTorch components together: the dual encoder, its momentum (EMA) copy, the
+With ``datamodule.py`` and ``callbacks.py``, the only code that imports Lightning. It wires
+plain-PyTorch components together: the dual encoder, its momentum (EMA) copy, the
 loss (VSE0/VSE++ or FNE with its memory bank and similarity statistics, all registered
 buffers) and the retrieval metric. Order of one training step, as in FNE_SPEC sections 1-2:
 online + momentum forward -> loss (statistics updated, negatives selected) -> backward ->
@@ -29,29 +30,48 @@ from fne_lightning.utils.distributed import any_rank
 
 
 class RetrievalModule(L.LightningModule):
-    """Dual-encoder retrieval model trained with a triplet loss.
+    """Dual-encoder retrieval model trained with any :class:`~fne_lightning.losses.base.RetrievalLoss`.
 
-    Args:
-        encoder: the online :class:`DualEncoder`.
-        loss: a :class:`~fne_lightning.losses.base.RetrievalLoss` (the contract is written there).
-        optimizer: partial optimizer, finished with the encoder's trainable parameters.
-        scheduler: partial LR scheduler (stepped per epoch) or None.
-        config: the resolved run config, stored in checkpoints and sent to the loggers.
-        seed: base seed of the loss's random generator (rank r uses seed + r).
-        momentum: EMA momentum m of the momentum encoders (config key ``momentum``), built only
-            when the loss ``requires_momentum``: theta_m <- m theta_m + (1 - m) theta after every
-            optimizer step.
-        nonfinite: what a non-finite loss or feature does: ``stop`` the run with a message naming
-            the step (the last good checkpoint is kept), or ``skip`` the batch before it touches
-            the bank, the statistics or the weights (counted in ``train/skipped_batches``).
-        lazy_momentum: skip the momentum forward on warm-up steps whose momentum features the
-            loss will never read (``RetrievalLoss.momentum_horizon``; the EMA still runs every
-            step, so the result is the same: tested). False: always run it.
+    A training step encodes the batch's images and captions (and, for a loss that
+    ``requires_momentum``, encodes them again with the momentum encoders), checks that the
+    features are finite, calls the loss, and logs ``train/loss`` and the loss's diagnostics as
+    ``fne/<name>_step`` and ``fne/<name>_epoch``. After every optimizer step the momentum
+    encoders follow the online ones by EMA. Validation and test encode every image and every
+    caption of the split once and log the scores of
+    :func:`~fne_lightning.retrieval.ranking.retrieval_scores` as ``val/<name>`` and
+    ``test/<name>`` (and ``test_1k/<name>`` with ``data.test_folds``). Checkpoints also hold
+    the random streams and the loss's epoch, so a resumed run continues exactly.
     """
 
     def __init__(self, encoder: DualEncoder, loss: RetrievalLoss, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, config: dict | None = None, seed: int = 0,
                  momentum: float = 0.995, nonfinite: str = "stop", lazy_momentum: bool = True) -> None:
+        """Wire the encoder, its momentum copy (when the loss needs one), the loss and the metrics.
+
+        Args:
+            encoder: the online :class:`~fne_lightning.models.encoders.DualEncoder`.
+            loss: a :class:`~fne_lightning.losses.base.RetrievalLoss` (the contract is written
+                there).
+            optimizer: partial optimizer, finished with the encoder's trainable parameters.
+            scheduler: partial LR scheduler (stepped per epoch) or None.
+            config: the resolved run config, stored in checkpoints and sent to the loggers.
+            seed: base seed of the loss's random generator (rank r uses seed + r).
+            momentum: EMA momentum m of the momentum encoders (config key ``momentum``), built
+                only when the loss ``requires_momentum``: ``theta_m <- m theta_m + (1 - m) theta``
+                after every optimizer step.
+            nonfinite: what a non-finite loss or feature does: ``stop`` the run with a message
+                naming the step (the last good checkpoint is kept), or ``skip`` the batch before
+                it touches the bank, the statistics or the weights (counted in
+                ``train/skipped_batches``).
+            lazy_momentum: skip the momentum forward on warm-up steps whose momentum features
+                the loss will never read
+                (:meth:`~fne_lightning.losses.base.RetrievalLoss.momentum_horizon`; the EMA still
+                runs every step, so the result is the same: tested). False: always run it.
+
+        Raises:
+            FNEError: a loss that is not a ``RetrievalLoss``, or a bad ``nonfinite`` or
+                ``momentum``.
+        """
         super().__init__()
         check(isinstance(loss, RetrievalLoss), "loss._target_", "a subclass of fne_lightning.losses.RetrievalLoss",
               type(loss).__name__)
@@ -158,6 +178,7 @@ class RetrievalModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def in_warmup(self) -> bool:
+        """Whether the current epoch is one of the loss's ``warmup_epochs``."""
         return self.current_epoch < self.loss.warmup_epochs
 
     def on_train_epoch_start(self) -> None:
@@ -298,7 +319,11 @@ class RetrievalModule(L.LightningModule):
             metric.update(self.encoder.encode_text(inputs), indices, "text")
 
     def saw_whole_split(self, stage: str) -> bool:
-        """Whether this evaluation pass saw every batch of the split (not so under limit_*_batches)."""
+        """Whether this evaluation pass saw every batch of the split (not so under ``limit_*_batches``).
+
+        Args:
+            stage: ``"val"`` or ``"test"``.
+        """
         trainer = self.trainer
         counts, loaders = ((trainer.num_val_batches, trainer.val_dataloaders) if stage == "val"
                            else (trainer.num_test_batches, trainer.test_dataloaders))

@@ -16,7 +16,18 @@ _WHITESPACE = re.compile(r"\s+")
 
 def clean_caption(text: str, lowercase: bool = True, strip_punctuation: bool = True,
                   max_words: int | None = 30) -> str:
-    """Normalise one caption; returns ``""`` when nothing is left (callers reject those)."""
+    """Normalise one caption the way the paper's numbers assume.
+
+    Args:
+        text: the raw caption.
+        lowercase: lower-case it.
+        strip_punctuation: remove ``,.'!?"()*#:;~`` and turn ``-`` and ``/`` into spaces.
+        max_words: keep the first this many words (None: all).
+
+    Returns:
+        The cleaned caption, words joined by single spaces; ``""`` when nothing is left
+        (callers reject those).
+    """
     if lowercase:
         text = text.lower()
     if strip_punctuation:

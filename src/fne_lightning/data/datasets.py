@@ -39,19 +39,24 @@ log = logging.getLogger(__name__)
 class CaptionSplit:
     """One split: unique images, all captions, and the image each caption belongs to."""
 
-    name: str
-    image_paths: list[str]
-    captions: list[str]
-    text_to_image: np.ndarray  # (N_txt,) int64, index into image_paths
-    image_keys: list[str] = field(default_factory=list)  # imgid / image_id, for reports
-    positive_pairs: np.ndarray | None = None  # (P, 2) int64 (image index, caption index)
+    name: str  #: The split's name (``train``, ``val``, ``test``).
+    image_paths: list[str]  #: The N_img image files (or, for shards, names of the images).
+    captions: list[str]  #: The N_txt cleaned captions.
+    text_to_image: np.ndarray  #: (N_txt,) int64, the index into ``image_paths`` of each caption's image.
+    #: The annotations' id of each image (``imgid`` / ``image_id``), for reports.
+    image_keys: list[str] = field(default_factory=list)
+    #: (P, 2) int64 (image index, caption index) pairs that truly match beyond the ground
+    #: truth (FNE_SPEC section 10), or None when the dataset declares none.
+    positive_pairs: np.ndarray | None = None
 
     @property
     def num_images(self) -> int:
+        """N_img, the number of images."""
         return len(self.image_paths)
 
     @property
     def num_texts(self) -> int:
+        """N_txt, the number of captions."""
         return len(self.captions)
 
 
@@ -77,11 +82,20 @@ def _clean_all(captions: list[str], clean: Callable[[str], str], where: Sequence
 def load_karpathy(annotations: Path, image_root: Path, splits: Sequence[str], name: str,
                   clean: Callable[[str], str] = str, positives: Path | None = None,
                   key: str = "data") -> CaptionSplit:
-    """Read the images of ``splits`` (e.g. ``["train", "restval"]``) from a Karpathy JSON.
+    """Read the images of some Karpathy splits, with their captions, into one :class:`CaptionSplit`.
 
-    ``positives``: the extra-positives file (``{"<imgid>": [sentid, ...]}``); by default
-    ``<annotations stem>.positives.json`` beside the JSON, when it exists. ``key``: the config
-    errors name (``<key>.annotations``, ``<key>.positives``).
+    Args:
+        annotations: the Karpathy JSON file.
+        image_root: the directory its image paths are relative to.
+        splits: the Karpathy split names to read (e.g. ``["train", "restval"]``).
+        name: the name of the split made of them.
+        clean: caption cleaning (e.g. :func:`~fne_lightning.data.captions.clean_caption`).
+        positives: the extra-positives file (``{"<imgid>": [sentid, ...]}``); by default
+            ``<annotations stem>.positives.json`` beside the JSON, when it exists.
+        key: the config that errors name (``<key>.annotations``, ``<key>.positives``).
+
+    Raises:
+        FNEError: a missing or malformed file, duplicate ids, no images, or an empty caption.
     """
     split = load_karpathy_splits(annotations, image_root, {name: splits}, clean, positives, key)[name]
     if isinstance(split, FNEError):
@@ -185,7 +199,19 @@ def check_karpathy_ids(images: list, annotations: Path, key: str = "data") -> No
 
 def read_positive_pairs(pos_file: Path, image_keys: list[str], sentids: list[int],
                     key: str = "positives file") -> np.ndarray:
-    """Map ``{"<imgid>": [sentid, ...]}`` onto (image index, caption index) pairs of a split."""
+    """Read a positives file ``{"<imgid>": [sentid, ...]}`` as (image index, caption index) pairs of a split.
+
+    Ids that are not in the split are ignored.
+
+    Args:
+        pos_file: the positives file.
+        image_keys: the split's image ids (:attr:`CaptionSplit.image_keys`).
+        sentids: the split's caption ids, in caption order.
+        key: how errors name the file.
+
+    Returns:
+        (P, 2) int64.
+    """
     return positive_pairs(read_json(pos_file, key), pos_file, image_keys, sentids)
 
 
@@ -202,8 +228,21 @@ def positive_pairs(raw: object, pos_file: Path, image_keys: list[str], sentids: 
 
 def load_albef(annotations: Path, image_root: Path, name: str,
                clean: Callable[[str], str] = str, key: str = "data") -> CaptionSplit:
-    """Read an ALBEF-style list (one row per caption for train, per image for evaluation); ``key``:
-    the config errors name (``<key>.annotations``)."""
+    """Read an ALBEF-style list into a :class:`CaptionSplit`.
+
+    One row per caption (train) or per image (evaluation).
+
+    Args:
+        annotations: the JSON list of ``{"image", "caption"[, "image_id"]}`` rows, ``caption``
+            a string or a list of strings.
+        image_root: the directory the image paths are relative to.
+        name: the split's name.
+        clean: caption cleaning.
+        key: the config that errors name (``<key>.annotations``).
+
+    Raises:
+        FNEError: a missing or malformed file, one image id for two files, or an empty caption.
+    """
     rows = read_json(annotations, f"{key}.annotations")
     if not isinstance(rows, list) or not rows:
         raise FNEError(f"{key}.annotations={str(annotations)!r}: expected a non-empty JSON list of "
@@ -264,11 +303,22 @@ def image_problem(source: str | bytes) -> str | None:
 
 def check_images(split: CaptionSplit, on_bad_image: str = "error", workers: int = 8,
                  key: str = "data") -> CaptionSplit:
-    """Check every image of ``split`` before training (threads: the work is I/O).
+    """Check every image of ``split`` (missing, not an image, truncated) before training.
 
-    ``on_bad_image="error"``: one error naming the first bad file and the count.
-    ``"skip"``: log each bad file, drop it with its captions (and positives), log the count.
-    ``key``: the config the messages name (``<key>.root``, ``<key>.on_bad_image``).
+    Threads, since the work is I/O.
+
+    Args:
+        split: the split to check.
+        on_bad_image: ``error``: one error naming the first bad file and the count; ``skip``:
+            log each bad file, drop it with its captions (and positives), log the count.
+        workers: threads.
+        key: the config the messages name (``<key>.root``, ``<key>.on_bad_image``).
+
+    Returns:
+        ``split``, or with ``skip`` a new split without the bad images, re-indexed.
+
+    Raises:
+        FNEError: a bad image with ``on_bad_image=error``, or no readable image left.
     """
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = list(pool.map(image_problem, split.image_paths))
@@ -305,8 +355,15 @@ def drop_images(split: CaptionSplit, drop: set[int], key: str = "data") -> Capti
 
 
 def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
-    """The RGB image of a file or of an image file's bytes (``name``: what to call it in errors);
-    an image that does not decode is one clear error."""
+    """The RGB image of a file, or of an image file's bytes.
+
+    Args:
+        source: a path, or the bytes of an image file.
+        name: what to call it in errors (default: ``source``).
+
+    Raises:
+        FNEError: the image does not decode.
+    """
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             return img.convert("RGB")
@@ -315,13 +372,17 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
 
 
 class ImageStore:
-    """Loads RGB images by index, optionally decoded once and kept in memory.
-
-    ``blobs``: the images' encoded bytes (e.g. read from shards) instead of files; ``paths`` then
-    only name them.
-    """
+    """Loads RGB images by index (``store[i]``), optionally decoded once and kept in memory."""
 
     def __init__(self, paths: Sequence[str], preload: bool = False, blobs: Sequence[bytes] | None = None) -> None:
+        """Keep the sources; with ``preload``, decode every image now.
+
+        Args:
+            paths: the image files, by image index.
+            preload: decode every image once and keep it in memory.
+            blobs: the images' encoded bytes (e.g. read from shards) instead of files; ``paths``
+                then only name them.
+        """
         self.paths = list(paths)
         self.blobs = None if blobs is None else list(blobs)
         self.cache = [self._open(i) for i in range(len(self.paths))] if preload else None
@@ -337,10 +398,17 @@ Tokenize = Callable[[list[str]], Tensor]
 
 
 class ImageInputs:
-    """``i -> transform(image i)``; with ``cache``, each result is kept (only for deterministic
-    transforms: evaluation, or training without augmentation)."""
+    """The model input of image i: ``inputs(i)`` is ``transform(store[i])``, a (3, H, W) tensor."""
 
     def __init__(self, store: ImageStore, transform: Callable, cache: bool = False) -> None:
+        """Wrap a store and a transform.
+
+        Args:
+            store: the images.
+            transform: PIL image -> tensor (:func:`~fne_lightning.data.transforms.build_transform`).
+            cache: keep each result (only for deterministic transforms: evaluation, or training
+                without augmentation).
+        """
         self.store, self.transform = store, transform
         self.cache: dict[int, Tensor] | None = {} if cache else None
 
@@ -356,9 +424,16 @@ class ImageInputs:
 
 
 class TextInputs:
-    """``j -> tokens of caption j`` (L,); with ``cache``, each caption is tokenized once."""
+    """The model input of caption j: ``inputs(j)`` is its (L,) token ids."""
 
     def __init__(self, captions: Sequence[str], tokenize: Tokenize, cache: bool = False) -> None:
+        """Wrap the captions and a tokenizer.
+
+        Args:
+            captions: the captions, by caption index.
+            tokenize: list of n captions -> (n, L) token ids.
+            cache: tokenize each caption once and keep the result.
+        """
         self.captions, self.tokenize = captions, tokenize
         self.cache: dict[int, Tensor] | None = {} if cache else None
 
@@ -375,9 +450,16 @@ class TextInputs:
 
 
 class PairDataset(Dataset):
-    """Training pairs: (image, tokens, image index, caption index), one item per caption."""
+    """Training pairs: item j is ``(image, tokens, image index, caption index)`` of caption j."""
 
     def __init__(self, text_to_image: np.ndarray, images: ImageInputs, texts: TextInputs) -> None:
+        """Join the captions to their images.
+
+        Args:
+            text_to_image: (N_txt,) the image index of each caption.
+            images: the image inputs.
+            texts: the caption inputs.
+        """
         self.text_to_image, self.images, self.texts = text_to_image, images, texts
 
     def __len__(self) -> int:
@@ -389,9 +471,14 @@ class PairDataset(Dataset):
 
 
 class IndexedDataset(Dataset):
-    """Evaluation items, each once: (image or tokens, index)."""
+    """Evaluation items, each once: item i is ``(image or tokens, i)``."""
 
     def __init__(self, inputs: ImageInputs | TextInputs) -> None:
+        """Serve ``inputs`` with their indices.
+
+        Args:
+            inputs: the images, or the captions, of a split.
+        """
         self.inputs = inputs
 
     def __len__(self) -> int:
@@ -402,5 +489,9 @@ class IndexedDataset(Dataset):
 
 
 def positive_pairs_tensor(split: CaptionSplit) -> Tensor | None:
-    """Positives of a split as a (P, 2) LongTensor, or None when the dataset declares none."""
+    """The positive pairs of a split as a (P, 2) LongTensor, or None when the dataset declares none.
+
+    Args:
+        split: the split.
+    """
     return None if split.positive_pairs is None else torch.from_numpy(split.positive_pairs)

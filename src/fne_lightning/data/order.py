@@ -23,18 +23,31 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 class ResumableSampler(DistributedSampler):
     """Shuffled per epoch from ``(seed, epoch)``; can skip the first batches of one epoch.
 
-    ``num_replicas``/``rank`` come from the trainer (1/0 in a single process); full batches
-    only (``drop_last``), so every rank takes the same number of steps.
+    Full batches only (``drop_last``), so every rank takes the same number of steps.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0,
                  seed: int = 0) -> None:
+        """A ``DistributedSampler`` that shuffles and drops the last, ragged part.
+
+        Args:
+            dataset: the training pairs.
+            batch_size: pairs per batch (to skip whole batches on resume).
+            num_replicas: the number of processes (from the trainer; 1 in a single process).
+            rank: this process's rank (0 in a single process).
+            seed: the shuffle seed (the run's ``seed``).
+        """
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size = batch_size
         self._skip: tuple[int, int] | None = None  # (epoch, batches already trained)
 
     def resume(self, epoch: int, batches: int) -> None:
-        """The next iteration of ``epoch`` starts after its first ``batches`` batches."""
+        """Make the next iteration of ``epoch`` start after its first ``batches`` batches.
+
+        Args:
+            epoch: the epoch being resumed.
+            batches: its batches already trained.
+        """
         self.set_epoch(epoch)
         self._skip = (epoch, batches)
 
@@ -51,12 +64,22 @@ class ResumableSampler(DistributedSampler):
 class ResumableLoader(DataLoader):
     """A DataLoader whose position in the epoch is saved in Lightning checkpoints.
 
-    ``progress()`` returns ``(epoch, batches trained in that epoch)`` from the training loop
-    (the loader itself runs ahead of the loop by its prefetch, so it cannot count them).
+    Lightning calls :meth:`state_dict` when it saves a checkpoint and :meth:`load_state_dict`
+    when it resumes from one.
     """
 
     def __init__(self, dataset: Dataset, sampler: ResumableSampler, progress: Callable[[], tuple[int, int]],
                  **kwargs: Any) -> None:
+        """A loader of full batches of ``sampler.batch_size``.
+
+        Args:
+            dataset: the training pairs.
+            sampler: their sampler.
+            progress: returns ``(epoch, batches trained in that epoch)`` from the training loop
+                (the loader itself runs ahead of the loop by its prefetch, so it cannot count
+                them).
+            **kwargs: passed to ``DataLoader`` (``num_workers``, ``pin_memory``, ...).
+        """
         super().__init__(dataset, sampler=sampler, batch_size=sampler.batch_size, drop_last=True,
                          generator=torch.Generator(), **kwargs)
         self.progress = progress
@@ -67,10 +90,16 @@ class ResumableLoader(DataLoader):
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
+        """The position to save, ``{"epoch": e, "batches": n}`` (batches trained in epoch e)."""
         epoch, batches = self.progress()
         return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume after the saved position (a whole epoch saved: the next epoch from its start).
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
             epoch, batches = epoch + 1, 0

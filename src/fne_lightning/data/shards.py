@@ -76,8 +76,15 @@ SHUFFLE_INITIAL = 1000  # samples in the shuffle buffer before the first leaves 
 
 # ------------------------------------------------------------------ shard lists
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard URLs of ``spec``: a string (``::``-joined, brace patterns, ``${WDS_*}`` variables, as
-    ``wds.shardlists.expand_urls``) or a list of such strings."""
+    """The shard URLs that a shard setting names.
+
+    Args:
+        spec: a string (``::``-joined, brace patterns, ``${WDS_*}`` variables, as
+            ``wds.shardlists.expand_urls``) or a list of such strings.
+
+    Returns:
+        Every URL, in order.
+    """
     items = [spec] if isinstance(spec, str) else [str(item) for item in spec]
     return [u for item in items for u in wds.shardlists.expand_urls(item) if u]
 
@@ -100,7 +107,13 @@ def mix_seed(*parts: int) -> int:
 
 
 def stable_id(value: Any) -> int:
-    """An int64 id: integers as they are, anything else by a stable 63-bit hash of its text."""
+    """An int64 id of a sample's image or text id: integers as they are, anything else hashed.
+
+    The hash (63 bits of BLAKE2b of the text) is the same in every process and run.
+
+    Args:
+        value: an id from ``<key>.json``, or a sample key.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
@@ -193,12 +206,20 @@ class BadInputHandler:
 
 
 class StreamError:
-    """An :class:`FNEError` raised in a worker, carried to the main process as a batch (a plain
-    object: Lightning passes it through its batch handling untouched)."""
+    """An :class:`~fne_lightning.errors.FNEError` raised in a worker, carried to the main process as a batch.
+
+    A plain object, so Lightning passes it through its batch handling untouched; ``message``
+    holds the error's line.
+    """
 
     __slots__ = ("message",)
 
     def __init__(self, message: str) -> None:
+        """Carry one error line.
+
+        Args:
+            message: the :class:`~fne_lightning.errors.FNEError`'s line.
+        """
         self.message = message
 
     def __reduce__(self) -> tuple[type, tuple[str]]:
@@ -263,24 +284,39 @@ def parse_sample(sample: dict[str, Any], image_id_field: str | None, key_separat
 
 # ------------------------------------------------------------------ the stream
 class ShardStream(IterableDataset):
-    """One rank's training batches from shards: ``num_batches`` per epoch (see the module docstring).
+    """One rank's training batches from shards: ``num_batches`` full batches per epoch.
 
-    Args:
-        urls: the expanded shard list (:func:`expand_shards`).
-        batch_size, num_batches: the batch size and the batches of one epoch on this rank.
-        rank, world: this process's rank and the number of processes (from the trainer).
-        transform: PIL image -> (3, H, W) tensor; tokenize: ``[caption] -> (1, L)``; clean: caption cleaning.
-        image_id_field, key_separator, text_id_field: where image and text ids come from (module docstring).
-        seed: the run's seed; with the epoch, rank and worker it fixes shard order and shuffle buffer.
-        resampled: draw shards with replacement (open_clip's ``--dataset-resampled``).
-        shuffle_buffer: samples in the shuffle buffer (0: the order of the shards).
-        on_bad_image: ``error`` or ``skip`` (:class:`BadInputHandler`).
+    Each batch is ``(images (B, 3, H, W), tokens (B, L), image ids (B,), text ids (B,))``, or a
+    :class:`StreamError` for bad input met in a worker. Order, ids and bad input: see
+    :mod:`fne_lightning.data.shards`. Iterate it through a :class:`ShardLoader`, which tells it
+    the epoch.
     """
 
     def __init__(self, urls: Sequence[str], batch_size: int, num_batches: int, transform: Callable,
                  tokenize: Callable, clean: Callable[[str], str] = str, image_id_field: str | None = "image_id",
                  key_separator: str | None = None, seed: int = 0, resampled: bool = False, shuffle_buffer: int = 5000,
                  on_bad_image: str = "error", rank: int = 0, world: int = 1, text_id_field: str | None = "text_id") -> None:
+        """Keep the settings; shards are opened by each worker when it iterates.
+
+        Args:
+            urls: the expanded shard list (:func:`expand_shards`).
+            batch_size: samples per batch.
+            num_batches: the batches of one epoch on this rank.
+            transform: PIL image -> (3, H, W) tensor.
+            tokenize: list of captions -> (n, L) token ids.
+            clean: caption cleaning.
+            image_id_field: the ``<key>.json`` field of the image id.
+            key_separator: without that field, the image id is the key up to its last
+                ``key_separator`` (None: the key itself).
+            seed: the run's seed; with the epoch, rank and worker it fixes the shard order and
+                the shuffle buffer.
+            resampled: draw shards with replacement (open_clip's ``--dataset-resampled``).
+            shuffle_buffer: samples in the shuffle buffer (0: the order of the shards).
+            on_bad_image: ``error`` or ``skip``.
+            rank: this process's rank (from the trainer).
+            world: the number of processes.
+            text_id_field: the ``<key>.json`` field of the caption's id (else the hashed key).
+        """
         super().__init__()
         self.urls, self.batch_size, self.num_batches = list(urls), batch_size, num_batches
         self.transform, self.tokenize, self.clean = transform, tokenize, clean
@@ -296,6 +332,12 @@ class ShardStream(IterableDataset):
         return self.num_batches
 
     def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Set the epoch the next iteration serves, and the batches of it to skip (a resume).
+
+        Args:
+            epoch: the epoch.
+            skip_batches: its batches already trained.
+        """
         self.epoch.value, self.skip.value = epoch, skip_batches
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor] | StreamError]:
@@ -425,9 +467,17 @@ POSITIVES_FORMAT = '{"<image_id>": [text_id, ...]}'
 
 
 def find_positives(urls: Sequence[str]) -> Path | None:
-    """The positives file that the ``make_shards`` index beside the first shard names, if any
-    (local shards only: an index is any ``*.json`` there whose ``shards`` list that shard), and
-    only when that index lists every shard of ``urls``."""
+    """The positives file that the ``make_shards`` index beside the shards names, if any.
+
+    Local shards only: an index is any ``*.json`` beside the first shard whose ``shards`` list
+    that shard, and it counts only when it lists every shard of ``urls``.
+
+    Args:
+        urls: the expanded shard list.
+
+    Returns:
+        The positives file, or None.
+    """
     paths = [local_path(u) for u in urls]
     if not paths or None in paths:
         return None
@@ -450,7 +500,20 @@ def find_positives(urls: Sequence[str]) -> Path | None:
 
 
 def resolve_positives(setting: str | None, urls: Sequence[str], key: str) -> Path | None:
-    """``auto``: the file the shards' index names (:func:`find_positives`); null: none; else the file."""
+    """The positives file of a ``*_positives`` setting.
+
+    Args:
+        setting: ``auto`` (the file the shards' index names, :func:`find_positives`), None (no
+            file) or a path.
+        urls: the expanded shard list.
+        key: how errors name the setting.
+
+    Returns:
+        The file, or None.
+
+    Raises:
+        FNEError: a path that is not a file.
+    """
     if setting is None:
         return None
     if setting == "auto":
@@ -463,7 +526,18 @@ def resolve_positives(setting: str | None, urls: Sequence[str], key: str) -> Pat
 
 
 def stream_positives(path: Path, key: str) -> np.ndarray:
-    """(P, 2) int64 (image id, text id) pairs of a positives file in the stream's ids (integers)."""
+    """Read a positives file ``{"<image_id>": [text_id, ...]}`` in a stream's (integer) ids.
+
+    Args:
+        path: the file.
+        key: how errors name it.
+
+    Returns:
+        (P, 2) int64 (image id, text id) pairs.
+
+    Raises:
+        FNEError: a malformed file, or ids that are not non-negative integers (or too large).
+    """
     raw = read_json(path, key)
     if not isinstance(raw, dict):
         raise FNEError(f"{key}={str(path)!r}: expected an object {POSITIVES_FORMAT}")
@@ -486,11 +560,32 @@ def read_split(urls: Sequence[str], name: str, clean: Callable[[str], str], key:
                text_id_field: str | None = "text_id", on_bad_image: str = "error",
                positives: Path | None = None, positives_key: str = "positives",
                bad_input_key: str = "data.on_bad_image") -> tuple[CaptionSplit, list[bytes]]:
-    """A whole evaluation split read from shards into memory: its :class:`CaptionSplit` (unique
-    images by image id, every caption; in text-id order, which is the annotations' order for shards
-    that ``make_shards`` wrote) and each image's encoded bytes. ``positives``: a file of
-    :data:`POSITIVES_FORMAT` in the shards' ids (``positives_key`` names it in errors); ``key`` names
-    the shard list in errors, ``bad_input_key`` the ``on_bad_image`` setting. Bad input as for training (``on_bad_image``)."""
+    """A whole evaluation split read from shards into memory.
+
+    Unique images by image id and every caption, in text-id order (the annotations' order for
+    shards that ``make_shards`` wrote). Bad input as for training (``on_bad_image``).
+
+    Args:
+        urls: the expanded shard list.
+        name: the split's name.
+        clean: caption cleaning.
+        key: how errors name the shard list.
+        image_id_field: as for :class:`ShardStream`.
+        key_separator: as for :class:`ShardStream`.
+        text_id_field: as for :class:`ShardStream`.
+        on_bad_image: ``error`` or ``skip``.
+        positives: a positives file ``{"<image_id>": [text_id, ...]}`` in the shards' ids, or None.
+        positives_key: how errors name the positives file.
+        bad_input_key: how errors name the ``on_bad_image`` setting.
+
+    Returns:
+        ``(split, blobs)``: the :class:`~fne_lightning.data.datasets.CaptionSplit` and each
+        image's encoded bytes.
+
+    Raises:
+        FNEError: bad input (with ``error``), duplicate text ids, two images of one id, or no
+            usable sample.
+    """
     reader = _Reader(set())
     handler = BadInputHandler(on_bad_image, reader.where, multiprocessing.Value("q", 0), reader.exit_status,
                               key=bad_input_key)
@@ -545,24 +640,39 @@ def read_split(urls: Sequence[str], name: str, clean: Callable[[str], str], key:
 
 
 def collate(samples: list[tuple[Tensor, Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(images (B, 3, H, W), tokens (B, L), image ids (B,) int64, text ids (B,) int64)."""
+    """Stack B decoded samples into a training batch.
+
+    Args:
+        samples: ``(image, tokens, image id, text id)`` of each sample.
+
+    Returns:
+        ``(images (B, 3, H, W), tokens (B, L), image ids (B,) int64, text ids (B,) int64)``.
+    """
     images, tokens, image_ids, text_ids = zip(*samples, strict=True)
     return (torch.stack(images), torch.stack(tokens), torch.tensor(image_ids, dtype=torch.long),
             torch.tensor(text_ids, dtype=torch.long))
 
 
 class ShardLoader(DataLoader):
-    """The DataLoader of a :class:`ShardStream`: tells it the epoch, resumes inside one, and turns a
-    worker's :class:`StreamError` into one :class:`FNEError` line.
+    """The DataLoader of a :class:`ShardStream`.
 
-    ``progress()`` returns ``(epoch, batches trained in it)`` from the training loop, as for
-    :class:`~fne_lightning.data.order.ResumableLoader`; without it (benchmarks), each iteration is the
-    next epoch. ``raise_errors=False`` hands a :class:`StreamError` on as a batch instead, for the
-    data module to stop every rank together.
+    It tells the stream the epoch, resumes inside one (its position is saved in Lightning
+    checkpoints, as for :class:`~fne_lightning.data.order.ResumableLoader`), and turns a
+    worker's :class:`StreamError` into one :class:`~fne_lightning.errors.FNEError` line.
     """
 
     def __init__(self, stream: ShardStream, progress: Callable[[], tuple[int, int]] | None = None,
                  raise_errors: bool = True, **kwargs: Any) -> None:
+        """Wrap a stream (its batches are already batched).
+
+        Args:
+            stream: the stream.
+            progress: returns ``(epoch, batches trained in it)`` from the training loop; without
+                it (benchmarks), each iteration is the next epoch.
+            raise_errors: raise a worker's error here; False hands a :class:`StreamError` on as a
+                batch instead, for the data module to stop every rank together.
+            **kwargs: passed to ``DataLoader`` (``num_workers``, ``pin_memory``, ...).
+        """
         super().__init__(stream, batch_size=None, **kwargs)
         self.progress, self.raise_errors = progress, raise_errors
         self._epochs = 0
@@ -596,10 +706,16 @@ class ShardLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
+        """The position to save, ``{"epoch": e, "batches": n}`` (batches trained in epoch e)."""
         epoch, batches = self.progress() if self.progress is not None else (self._epochs - 1, 0)
         return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume after the saved position (a whole epoch saved: the next epoch from its start).
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
             epoch, batches = epoch + 1, 0

@@ -11,7 +11,7 @@ training pushes away include real matches, i.e. false negatives exist by constru
 Flickr30K/COCO (ECCV Caption, CxC), but here they are known exactly.
 
 Every sentence stores its structured ``meaning`` (the attributes, relation, count and background
-it states) and every image its ``scene``; ``<json stem>.positives.json`` (spec section 10) lists
+it states) and every image its ``scene``; ``<json stem>.positives.json`` (FNE_SPEC section 10) lists
 for each image every sentence of the SAME split that describes it, computed vectorised from
 those structures. Only same-split pairs are listed: evaluation and training diagnostics only ever
 compare within a split, and cross-split lists would make the file several times larger.
@@ -76,7 +76,16 @@ def _pick(rng: np.random.Generator, options: Any) -> Any:
 
 
 def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
-    """Draw one scene: 1 or 2 objects (never the same shape AND colour) and a background."""
+    """Draw one scene: 1 or 2 objects (never the same shape AND colour) and a background.
+
+    Args:
+        rng: the generator to draw from.
+
+    Returns:
+        ``{"objects": [...], "background": {...}}``: each object's shape, colour, size,
+        position, centre and angle, and the background's kind, colour (and pattern), as stored
+        in the JSON.
+    """
     n = 1 + int(rng.integers(2))
     positions = [_pick(rng, tuple(POSITIONS))] if n == 1 else list(_pick(rng, (("left", "right"), ("top", "bottom"))))
     rng.shuffle(positions)
@@ -100,7 +109,12 @@ def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def render_scene(scene: dict[str, Any], image_size: int) -> Image.Image:
-    """Draw ``scene`` (as stored in the JSON) as an RGB image of ``image_size`` x ``image_size``."""
+    """Draw a scene as an RGB image, anti-aliased.
+
+    Args:
+        scene: a scene of :func:`sample_scene`, as stored in the JSON.
+        image_size: the side in pixels.
+    """
     side = image_size * _SUPERSAMPLE
     bg = scene["background"]
     base, pattern = BG_COLOURS[bg["colour"]]
@@ -180,7 +194,16 @@ def _plural(word: str) -> str:
 
 
 def make_caption(scene: dict[str, Any], rng: np.random.Generator) -> tuple[dict[str, Any], str]:
-    """One random true caption of ``scene``: (meaning, text without capital or full stop)."""
+    """One random caption that is true of ``scene``.
+
+    Args:
+        scene: a scene of :func:`sample_scene`.
+        rng: the generator to draw from.
+
+    Returns:
+        ``(meaning, text)``: the attributes, relation, count and background the caption states,
+        and its text, without capital or full stop.
+    """
     objs, bg = scene["objects"], scene["background"]
     meaning: dict[str, Any] = {}
     # One word per shape per caption: "an orange cross and a green plus sign" would read as two shapes.
@@ -247,7 +270,16 @@ def make_caption(scene: dict[str, Any], rng: np.random.Generator) -> tuple[dict[
 
 
 def make_captions(scene: dict[str, Any], rng: np.random.Generator, n: int = CAPTIONS_PER_IMAGE) -> list[tuple[dict, str]]:
-    """``n`` true captions of ``scene`` with distinct meanings (no near-duplicate captions)."""
+    """``n`` true captions of ``scene`` with distinct meanings (no near-duplicate captions).
+
+    Args:
+        scene: a scene of :func:`sample_scene`.
+        rng: the generator to draw from.
+        n: the number of captions.
+
+    Returns:
+        ``n`` pairs ``(meaning, text)``, each text a sentence (capital, full stop).
+    """
     captions: dict[str, tuple[dict, str]] = {}
     while len(captions) < n:
         meaning, text = make_caption(scene, rng)
@@ -275,9 +307,20 @@ def _table(keys: tuple[str, ...], values: tuple[tuple, ...]) -> np.ndarray:
 
 
 def match_matrix(scenes: list[dict[str, Any]], meanings: list[dict[str, Any]], chunk: int = 256) -> np.ndarray:
-    """Whether every attribute, relation, count and background stated in each caption's meaning
-    holds in each scene: a bool array of shape (len(scenes), len(meanings)), vectorised
-    (``tests/test_synthetic.py`` checks it against a plain per-pair oracle)."""
+    """Which captions are true of which scenes: the positives of the synthetic benchmark.
+
+    A caption is true of a scene when every attribute, relation, count and background stated in
+    its meaning holds there. Vectorised (``tests/test_synthetic.py`` checks it against a plain
+    per-pair oracle).
+
+    Args:
+        scenes: scenes of :func:`sample_scene`.
+        meanings: caption meanings of :func:`make_caption`.
+        chunk: scenes compared at once (bounds the temporaries).
+
+    Returns:
+        A bool array of shape (len(scenes), len(meanings)).
+    """
     bg_keys, bg_values = ("kind", "colour"), (BG_KINDS, tuple(BG_COLOURS))
     obj_table, bg_table = _table(_OBJECT_KEYS, _ATTR_VALUES), _table(bg_keys, bg_values)
     image_objs = [_codes([s["objects"][k] if k < len(s["objects"]) else {} for s in scenes], _OBJECT_KEYS, _ATTR_VALUES)
@@ -335,13 +378,24 @@ def _write_dataset(out: Path, sizes: tuple[int, int, int], image_size: int, seed
 
 def build_synthetic(root: str | os.PathLike, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
                     image_size: int = 64, seed: int = 0) -> Path:
-    """Create (or reuse) the dataset under root and return the path of its Karpathy JSON.
+    """Create (or reuse) the synthetic dataset under ``root`` and return the path of its Karpathy JSON.
 
     The dataset lives in ``root/synthetic-v<version>-s<seed>-<train>-<val>-<test>-<size>px``
     (``images/*.png``, ``dataset_synthetic.json``, ``dataset_synthetic.positives.json``) and is
     deterministic in those parameters. It is rendered into a temporary sibling directory and moved
     into place with one ``os.replace``, so concurrent builders (DDP ranks) or a crash never leave a
     half-written dataset behind; a builder that loses the race discards its copy.
+
+    Args:
+        root: the cache directory.
+        num_train: training images (five captions each).
+        num_val: validation images.
+        num_test: test images.
+        image_size: the side of the images in pixels (at least 16).
+        seed: the seed of the scenes and captions.
+
+    Raises:
+        FNEError: a bad value, or a directory of that name not written by this function.
     """
     for key, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("num_test", num_test, 1),
                             ("image_size", image_size, 16), ("seed", seed, 0)):

@@ -2,9 +2,10 @@
 
 Train: RandomResizedCrop(size, scale) bicubic, horizontal flip, RandAugment(ops, magnitude).
 Eval: resize to size x size bicubic (no centre crop, so nothing of the scene is cut away).
-Size and normalisation always come from the encoder (:class:`ImageConfig`), so the data
-pipeline cannot disagree with the model. Every augmentation can be switched off; the
-synthetic benchmark does, since a flip would turn "left" into "right".
+Size and normalisation always come from the encoder
+(:class:`~fne_lightning.models.encoders.ImageConfig`), so the data pipeline cannot disagree with
+the model. Every augmentation can be switched off; the synthetic benchmark does, since a flip
+would turn "left" into "right".
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ def build_transform(
     hflip: bool = True,
     randaugment: Sequence[int] | None = (2, 7),
 ) -> T.Compose:
-    """Return a PIL -> normalised (3, size, size) tensor transform."""
+    """The transform of a split: PIL image -> normalised (3, size, size) tensor.
+
+    Args:
+        image: the encoder's size and normalisation.
+        train: the training transform (random crop, flip, RandAugment as set below); False:
+            the evaluation transform (a bicubic resize to size x size).
+        crop_scale: the area range of ``RandomResizedCrop``; None: resize instead.
+        hflip: random horizontal flips.
+        randaugment: ``(num_ops, magnitude)`` of RandAugment; None: none.
+    """
     size = image.size
     steps: list = []
     if train and crop_scale is not None:
@@ -42,5 +52,9 @@ def build_transform(
 
 
 def is_random(transform: T.Compose) -> bool:
-    """Whether ``transform`` draws random numbers (then its outputs must not be cached)."""
+    """Whether ``transform`` draws random numbers (then its outputs must not be cached).
+
+    Args:
+        transform: a transform of :func:`build_transform`.
+    """
     return any(isinstance(t, (T.RandomResizedCrop, T.RandomHorizontalFlip, T.RandAugment)) for t in transform.transforms)

@@ -18,23 +18,36 @@ from torch import Tensor, nn
 
 
 class MemoryBank(nn.Module):
-    """Ring buffers of ``size`` momentum image/text features of dimension ``dim``.
+    """Ring buffers of K momentum image and caption features of dimension D, with their ids.
 
-    Buffers (all persistent): ``image_features`` (K, D) float32, ``text_features``
-    (K, D) float32, ``image_ids`` (K,) long and ``text_ids`` (K,) long (-1 until written;
-    ``text_ids`` holds the caption index of each slot, for false-negative diagnostics),
-    ``ptr`` () long (next slot to write) and ``filled`` () long (slots holding data).
-    ``size == 0`` gives an empty bank: ``enqueue`` does nothing and no slot is valid.
+    Every buffer is persistent (saved in checkpoints). A bank of size 0 is empty:
+    :meth:`enqueue` does nothing and no slot is valid.
     """
 
+    #: (K, D) float32 momentum image features.
     image_features: Tensor
+    #: (K, D) float32 momentum caption features.
     text_features: Tensor
+    #: (K,) long, the image index of each slot (-1 until written).
     image_ids: Tensor
+    #: (K,) long, the caption index of each slot (-1 until written), for false-negative
+    #: diagnostics.
     text_ids: Tensor
+    #: () long, the next slot to write.
     ptr: Tensor
+    #: () long, the number of slots holding data.
     filled: Tensor
 
     def __init__(self, size: int, dim: int) -> None:
+        """Create an empty bank (every slot invalid).
+
+        Args:
+            size: the number of slots K (0 for no bank).
+            dim: the feature dimension D.
+
+        Raises:
+            ValueError: ``size < 0`` or ``dim <= 0``.
+        """
         super().__init__()
         if size < 0 or dim <= 0:
             raise ValueError(f"MemoryBank(size={size}, dim={dim}): expected size >= 0 and dim > 0")
@@ -59,10 +72,16 @@ class MemoryBank(nn.Module):
     ) -> None:
         """Write a batch at the pointer, wrapping around; detached copies, no host sync.
 
-        ``image_features``/``text_features``: (B, D), ``image_ids``/``text_ids``: (B,).
-        Under DDP pass the already gathered global batch (``gather_no_grad``) so every
-        rank writes the same rows and all banks stay identical. Any B works; B > K keeps
-        the last K rows, which is exactly what B sequential one-row writes would leave.
+        Under DDP pass the already gathered global batch
+        (:func:`~fne_lightning.utils.distributed.gather_no_grad`) so every rank writes the same
+        rows and all banks stay identical. Any B works; B > K keeps the last K rows, which is
+        exactly what B sequential one-row writes would leave.
+
+        Args:
+            image_features: (B, D) momentum image features.
+            text_features: (B, D) momentum caption features.
+            image_ids: (B,) their image indices.
+            text_ids: (B,) their caption indices.
         """
         k, b = self.size, image_features.shape[0]
         if k == 0 or b == 0:  # Python ints from shapes: no host sync.
@@ -80,11 +99,16 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def advance(self, n: int) -> None:
-        """Move the pointer and the filled count as ``enqueue`` of ``n`` rows would, writing nothing.
+        """Move the pointer and the filled count as :meth:`enqueue` of ``n`` rows would, writing nothing.
 
         For steps whose features are overwritten before anyone reads them (the early warm-up
-        steps, see ``FNELoss.momentum_horizon``): the slots they would have written are written
-        again before FNE starts, so the bank ends up exactly as if every step had been enqueued.
+        steps, see :meth:`FNELoss.momentum_horizon
+        <fne_lightning.losses.fne.FNELoss.momentum_horizon>`): the slots they would have written
+        are written again before FNE starts, so the bank ends up exactly as if every step had
+        been enqueued.
+
+        Args:
+            n: the rows the skipped write would have held.
         """
         k = self.size
         if k == 0 or n == 0:
@@ -93,7 +117,7 @@ class MemoryBank(nn.Module):
         self.filled.copy_((self.filled + n).clamp_(max=k))
 
     def valid_mask(self) -> Tensor:
-        """(K,) bool: slots that hold data.
+        """The slots that hold data, as a (K,) bool tensor.
 
         Writes start at slot 0 and advance contiguously, so before the first wrap-around
         the written slots are exactly [0, filled); afterwards all K are.

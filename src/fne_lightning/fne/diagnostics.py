@@ -16,12 +16,23 @@ from torch import Tensor
 @torch.no_grad()
 def binned_auc(scores: Tensor, positive: Tensor, negative: Tensor, lo: float, hi: float,
                bins: int = 2048) -> Tensor:
-    """ROC AUC of ``scores`` ranking ``positive`` entries above ``negative`` ones (masks, same shape).
+    """ROC AUC of ``scores`` ranking the ``positive`` entries above the ``negative`` ones.
 
     The Mann-Whitney statistic over a histogram of ``bins`` equal bins on ``[lo, hi]`` (scores
     outside are clamped to the ends): pairs in the same bin count one half, as ties do, so the
-    result is the exact AUC of the scores rounded to their bin. 0.5 when either class is empty.
-    No sort and no host sync: two ``scatter_add_`` into (bins,) counts.
+    result is the exact AUC of the scores rounded to their bin. No sort and no host sync: two
+    ``scatter_add_`` into (bins,) counts.
+
+    Args:
+        scores: the scores, any shape (e.g. (B, N) anchor-candidate scores).
+        positive: bool mask of the same shape: the true matches.
+        negative: bool mask of the same shape: the true negatives.
+        lo: the low end of the histogram.
+        hi: the high end.
+        bins: the number of bins.
+
+    Returns:
+        The 0-d AUC; 0.5 when either class is empty.
     """
     index = ((scores.detach().float().clamp(lo, hi) - lo) * ((bins - 1) / (hi - lo))).round_().long().flatten()
     pos = torch.zeros(bins, device=scores.device).scatter_add_(0, index, positive.flatten().float())

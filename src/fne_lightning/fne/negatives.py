@@ -1,25 +1,28 @@
-"""FNE sampling weights and negative sampling, vectorised over anchors (FNE_SPEC 5-6).
+"""FNE sampling weights and negative sampling, vectorised over anchors (FNE_SPEC sections 5-6).
 
 Li et al., "Your Negative May not Be True Negative: Boosting Image-Text Matching with
 False Negative Elimination", ACM MM 2023 (arXiv 2308.04380). For each anchor i and
-candidate j (score s_ij, positive score s_i+):
+candidate j (score s_ij, positive score s_i+), the weight w_ij of :func:`fne_weights` is:
 
-1. hardness weight      w_ij = exp(-tau (s_ij - s_i+)^2)  (``fne_weights(posterior=False, cutdown=None)``)
-2. if the Gaussians are ready, with the false-negative posterior
-   p_fn(s) = sigmoid(log N+(s) - log N-(s) - log(1/match_prior - 1)):
-   "reference" (published): w_ij = exp(-tau p_fn) where p_fn > 1 - false_margin;
-   "complement":            w_ij = (1 - p_fn) w_ij
-3. cut-down             w_ij = 0 where s_ij <= mu+ - cutdown (running mu+; none before
-                        any positive was seen)
-4. positives and invalid slots get 0; 5. an all-zero row takes its hardest valid negative.
+1. the hardness weight ``w_ij = exp(-tau (s_ij - s_i+)^2)`` (all there is with
+   ``posterior=False, cutdown=None``);
+2. once the Gaussians are ready, with the false-negative posterior
+   ``p_fn(s) = sigmoid(log N+(s) - log N-(s) - log(1/match_prior - 1))``: for the ``reference``
+   weighting (published) ``w_ij = exp(-tau p_fn)`` where ``p_fn > 1 - false_margin``, for the
+   ``complement`` weighting ``w_ij = (1 - p_fn) w_ij``;
+3. the cut-down: ``w_ij = 0`` where ``s_ij <= mu+ - cutdown`` (mu+ the running mean of the
+   positives; no cut-down before any positive was seen);
+4. 0 for positives and invalid slots;
+5. a row whose weights are all 0 takes its hardest valid negative.
 
-Options beyond the paper (``fne_weights(exclude=...)``, a tensor ``match_prior``): ``exclude``
-removes the candidates whose posterior exceeds it (weight 0) instead of down-weighting them, and
-``match_prior`` may be a 0-d tensor (e.g. the data-estimated prior of ``estimate_prior``).
+Options beyond the paper: ``exclude`` (of :func:`fne_weights`) removes the candidates whose
+posterior exceeds it (weight 0) instead of down-weighting them, and ``match_prior`` may be a 0-d
+tensor (e.g. the prior that :class:`~fne_lightning.losses.fne.FNELoss` estimates with
+``prior=estimated``).
 
 One negative per anchor is drawn with probability proportional to w by inverse-CDF
-sampling. The published code loops over anchors with `.item()`; here every function is
-whole-tensor, with no host sync (no `.item()`, `bool(tensor)`, `nonzero` or boolean-mask
+sampling. The published code loops over anchors with ``.item()``; here every function is
+whole-tensor, with no host sync (no ``.item()``, ``bool(tensor)``, ``nonzero`` or boolean-mask
 indexing), so a step never waits for the device. Weights need no gradient and are
 computed under no_grad in fp32, in place where the memory is ours: on CPU a fresh
 (B, B + K) buffer costs more in page faults than the arithmetic done on it.
@@ -39,18 +42,16 @@ Weighting = Literal["reference", "complement"]
 
 
 class FNEWeights(NamedTuple):
-    """Output of `fne_weights`, every field (B, N).
+    """What :func:`fne_weights` returns, every field (B, N)."""
 
-    ``weights``: sampling weights (0 for invalid, cut or positive candidates);
-    ``flagged``: valid & ready & p_fn > 1 - false_margin (probable false negatives,
-    also computed when ``posterior=False``, for diagnostics); ``cut``: valid candidates
-    zeroed by the cut-down; ``p_fn``: the false-negative posterior (meaningful only when
-    the Gaussians are ready).
-    """
-
+    #: Sampling weights, 0 for invalid, cut or positive candidates.
     weights: Tensor
+    #: Bool, the probable false negatives (valid, Gaussians ready and ``p_fn > 1 - false_margin``),
+    #: also computed with ``posterior=False``, for diagnostics.
     flagged: Tensor
+    #: Bool, the valid candidates zeroed by the cut-down.
     cut: Tensor
+    #: The false-negative posterior (meaningful only once the Gaussians are ready).
     p_fn: Tensor
 
 
@@ -63,9 +64,25 @@ def posterior_coefficients(
     match_prior: float | Tensor,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """(3,) float32 ``[A, B, C]`` of the posterior's logit ``(A s + B) s + C`` (see
-    :func:`false_negative_posterior`), formed in float64: the same for every score of a step, so a
-    caller scoring two directions forms them once."""
+    """The coefficients of the posterior's logit ``(A s + B) s + C``, a quadratic in the score s.
+
+    Formed in float64 (see :func:`false_negative_posterior`); the same for every score of a
+    step, so a caller scoring two directions forms them once.
+
+    Args:
+        pos_mean: mean of the positives' Gaussian N+.
+        pos_var: its variance.
+        neg_mean: mean of the negatives' Gaussian N-.
+        neg_var: its variance.
+        match_prior: the prior probability of a match, a float in (0, 1) or a 0-d tensor.
+        device: where to put the result.
+
+    Returns:
+        (3,) float32 ``[A, B, C]``.
+
+    Raises:
+        ValueError: a float ``match_prior`` outside (0, 1).
+    """
     if not isinstance(match_prior, Tensor) and not 0.0 < match_prior < 1.0:
         raise ValueError(f"match_prior={match_prior}: expected 0 < match_prior < 1")
     mp, vp, mn, vn = (torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -93,18 +110,28 @@ def false_negative_posterior(
     match_prior: float | Tensor,
     coefficients: Tensor | None = None,
 ) -> Tensor:
-    """p_fn(s) = sigmoid(log N+(s) - log N-(s) - log(1/match_prior - 1)), fp32, same shape.
+    """The probability that a candidate with score s is a false negative (FNE_SPEC section 5).
 
-    ``match_prior``: a float in (0, 1) or a 0-d tensor of such a value (no host sync).
-    ``coefficients``: :func:`posterior_coefficients` of these arguments, if the caller has them.
+    ``p_fn(s) = sigmoid(log N+(s) - log N-(s) - log(1/match_prior - 1))``, computed in log
+    space: the density ratio of two far-apart Gaussians overflows or underflows fp32, its
+    logarithm does not, and sigmoid saturates cleanly to 0 or 1. The log ratio is a quadratic
+    in s; its coefficients are formed in float64 and it is evaluated as ``(A s + B) s + C`` on
+    one fp32 buffer (3 passes instead of 8 and one buffer instead of two). The absolute error
+    of the logit is then about ``6e-8 (|A| + |B| + |C|)``: 1e-5 for variances near 0.01, and
+    only near the 1e-6 variance floor (a degenerate fit) as large as 0.1.
 
-    In log space: the density ratio of two far-apart Gaussians overflows or underflows
-    fp32, its logarithm does not, and sigmoid saturates cleanly to 0 or 1. The log ratio
-    is a quadratic in s; its coefficients are formed in float64 and it is evaluated as
-    (A s + B) s + C on one fp32 buffer (3 passes instead of 8 and one buffer instead of
-    two). The absolute error of the logit is then about 6e-8 (|A| + |B| + |C|): 1e-5 for
-    variances near 0.01, and only near the 1e-6 variance floor (a degenerate fit) as
-    large as 0.1.
+    Args:
+        scores: anchor-candidate similarities, any shape.
+        pos_mean: mean of the positives' Gaussian N+.
+        pos_var: its variance.
+        neg_mean: mean of the negatives' Gaussian N-.
+        neg_var: its variance.
+        match_prior: the prior probability of a match, a float in (0, 1) or a 0-d tensor of
+            such a value (no host sync).
+        coefficients: :func:`posterior_coefficients` of these arguments, if the caller has them.
+
+    Returns:
+        p_fn, fp32, of the shape of ``scores``.
     """
     if coefficients is None:
         coefficients = posterior_coefficients(pos_mean, pos_var, neg_mean, neg_var, match_prior, scores.device)
@@ -113,9 +140,18 @@ def false_negative_posterior(
 
 @torch.no_grad()
 def posterior_log_odds(scores: Tensor, coefficients: Tensor) -> Tensor:
-    """The logit of the posterior, ``(A s + B) s + C`` (fp32, same shape as ``scores``), of which
-    :func:`false_negative_posterior` is the sigmoid: the same values to the bit. It ranks the
-    candidates as p_fn does without saturating where p_fn rounds to 0 or 1."""
+    """The logit of the false-negative posterior, ``(A s + B) s + C``.
+
+    :func:`false_negative_posterior` is its sigmoid, to the bit. It ranks the candidates as
+    p_fn does without saturating where p_fn rounds to 0 or 1.
+
+    Args:
+        scores: anchor-candidate similarities, any shape.
+        coefficients: (3,) ``[A, B, C]`` of :func:`posterior_coefficients`.
+
+    Returns:
+        The logit, fp32, of the shape of ``scores``.
+    """
     s = scores.float()
     a, b, c = coefficients.unbind()
     logit = torch.addcmul(b, s, a)  # (B, N), the only buffer
@@ -139,19 +175,38 @@ def fne_weights(
     cutdown_mean: Tensor | None = None,
     coefficients: Tensor | None = None,
 ) -> FNEWeights:
-    """Sampling weight of every candidate (FNE_SPEC section 6), fp32, no gradient.
+    """Sampling weight of every candidate (FNE_SPEC section 6).
 
-    ``scores``: (B, N) anchor-candidate similarities; ``positive_scores``: (B,) s_i+;
-    ``valid``: (B, N) bool, False for positives (same image id) and never-written bank
-    slots; ``gaussians``: `stats.Gaussians` (e.g. ``SimilarityStats.snapshot()``) whose
-    ``ready`` (bool scalar) gates step 2 and whose ``pos_count`` gates the cut-down, via
-    ``torch.where`` rather than Python branches. ``posterior=False`` skips step 2 (the
-    weights are the hardness weights), ``cutdown=None`` skips step 3. ``exclude`` (a
-    probability): candidates with ``p_fn > exclude`` are the flagged ones instead of those
-    above ``1 - false_margin``, and their weight is 0 (removed, whatever the weighting; with
-    ``posterior=False`` they are only reported). ``cutdown_mean``: the mu+ of the cut-down when
-    it is not the posterior's ``gaussians.pos_mean`` (0-d tensor). ``coefficients``: the
-    posterior's :func:`posterior_coefficients`, if the caller has formed them already.
+    Steps 1-4 of the list of :mod:`fne_lightning.fne.negatives`, computed in fp32 without
+    gradient. The Gaussians gate the posterior and the cut-down through
+    ``torch.where``, not Python branches, so nothing syncs.
+
+    Args:
+        scores: (B, N) anchor-candidate similarities.
+        positive_scores: (B,) each anchor's positive score s_i+.
+        valid: (B, N) bool, False for positives (same image id) and never-written bank slots.
+        gaussians: the Gaussians (e.g. :meth:`SimilarityStats.snapshot()
+            <fne_lightning.fne.stats.SimilarityStats.snapshot>`); their ``ready`` gates step 2 and
+            their ``pos_count`` the cut-down.
+        tau: the hardness temperature.
+        match_prior: the prior probability of a match (a float, or a 0-d tensor).
+        false_margin: candidates with ``p_fn > 1 - false_margin`` are flagged.
+        weighting: ``reference`` (published) or ``complement``.
+        cutdown: the cut-down distance below mu+; None skips step 3.
+        posterior: False skips step 2 (the weights are the hardness weights).
+        exclude: None, or a probability: candidates with ``p_fn > exclude`` are the flagged ones
+            instead of those above ``1 - false_margin``, and their weight is 0 (removed, whatever
+            the weighting; with ``posterior=False`` they are only reported).
+        cutdown_mean: the mu+ of the cut-down (0-d tensor) when it is not the posterior's
+            ``gaussians.pos_mean``.
+        coefficients: the posterior's :func:`posterior_coefficients`, if the caller has formed
+            them already.
+
+    Returns:
+        The weights, with the flagged and cut masks and p_fn, each (B, N).
+
+    Raises:
+        ValueError: ``exclude`` outside [0, 1) or an unknown ``weighting``.
     """
     if exclude is not None and not 0.0 <= exclude < 1.0:
         raise ValueError(f"exclude={exclude}: expected null or 0 <= exclude < 1")
@@ -195,10 +250,15 @@ def fne_weights(
 
 @torch.no_grad()
 def hardest_negatives(scores: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Index (B,) long of the highest-scoring valid candidate per row, and has_negative (B,).
+    """The highest-scoring valid candidate of each anchor.
 
-    Rows with no valid candidate return index 0 (in range) and has_negative False.
-    Scores must be finite (cosines are).
+    Args:
+        scores: (B, N) finite similarities (cosines are).
+        valid: (B, N) bool, the candidates that may be negatives.
+
+    Returns:
+        ``(index, has_negative)``: (B,) long and (B,) bool. A row with no valid candidate gets
+        index 0 (in range) and has_negative False.
     """
     return _hardest(torch.where(valid, scores.detach(), float("-inf")), valid)
 
@@ -212,12 +272,21 @@ def _hardest(masked: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def first_max_index(x: Tensor, block: int = 64) -> Tensor:
-    """Index (B,) long of the first maximum of each row of ``x`` (B, N) (no NaN): the same as
-    ``x.max(dim=1).indices``, in two levels. A maximum with indices reduces one element at a
-    time on a CPU (0.15 ms for (32, 8256)); ``amax`` over blocks of ``block`` columns is
-    vectorised, and the first block holding the row's maximum, then the first maximum inside
-    it, is the first maximum of the row (0.03 ms). Columns past the last whole block count
-    only when strictly larger, which keeps the first occurrence."""
+    """The index of the first maximum of each row: ``x.max(dim=1).indices``, faster on a CPU.
+
+    A maximum with indices reduces one element at a time on a CPU (0.15 ms for (32, 8256));
+    ``amax`` over blocks of ``block`` columns is vectorised, and the first block holding the
+    row's maximum, then the first maximum inside it, is the first maximum of the row (0.03 ms).
+    Columns past the last whole block count only when strictly larger, which keeps the first
+    occurrence.
+
+    Args:
+        x: (B, N) without NaN.
+        block: columns per block.
+
+    Returns:
+        (B,) long.
+    """
     rows, n = x.shape
     blocks = n // block
     if blocks < 2 or x.stride(1) != 1:
@@ -233,8 +302,7 @@ def first_max_index(x: Tensor, block: int = 64) -> Tensor:
 
 
 def search_cdf(cdf: Tensor, u: Tensor) -> Tensor:
-    """Index (B,) long of the first j with cdf_j > u * total, per row of a row-wise cumulative sum
-    ``cdf`` (B, N) of weights; ``u``: (B,) uniforms in [0, 1).
+    """Inverse-CDF draw of one index per row: the first j with ``cdf_j > u * total``.
 
     A zero weight adds nothing to the cdf, so its index is never the first to exceed the target;
     the result is capped at the last positive weight because ``u * total`` can round up to
@@ -244,6 +312,13 @@ def search_cdf(cdf: Tensor, u: Tensor) -> Tensor:
     Precision: the cumulative sum is fp32, so a candidate's probability is off by up to
     about 2^-24 * total / weight relative (at most 0.4% for weight 1 and 4% for weight
     0.1 at total 65k; the cut-down usually leaves totals far smaller).
+
+    Args:
+        cdf: (B, N) row-wise cumulative sums of the weights.
+        u: (B,) uniforms in [0, 1).
+
+    Returns:
+        (B,) long.
     """
     total = cdf[:, -1:].contiguous()  # (B, 1); searchsorted wants contiguous queries
     index = torch.searchsorted(cdf, u.to(cdf).unsqueeze(1) * total, right=True)  # (B, 1)
@@ -261,19 +336,28 @@ def sample_negatives(
     hardest: tuple[Tensor, Tensor] | None = None,
     u: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Draw one candidate per row with probability proportional to ``weights`` (B, N).
+    """Draw one candidate per row with probability proportional to ``weights``.
 
-    Inverse-CDF sampling (`search_cdf`), one uniform per row: ``torch.multinomial`` is
+    Inverse-CDF sampling (:func:`search_cdf`), one uniform per row: ``torch.multinomial`` is
     slow over 65k columns on CPU. Zero-weight entries are never drawn; a row whose
     weights are all 0 takes its hardest valid negative (argmax of ``scores`` over
     ``valid``); a row with no valid candidate returns has_negative False and an
-    arbitrary in-range index. Weights must be 0 on invalid entries (`fne_weights`
+    arbitrary in-range index. Weights must be 0 on invalid entries (:func:`fne_weights`
     guarantees it); a draw that still lands on one falls back to the hardest valid
-    negative. ``generator`` must live on the device of ``weights``. ``hardest``: the
-    output of ``hardest_negatives(scores, valid)`` if the caller has it already. ``u``: the
-    (B,) uniforms in [0, 1) of the draw, if the caller has drawn them (then ``generator`` is
-    unused).
-    Returns (index (B,) long, has_negative (B,) bool).
+    negative.
+
+    Args:
+        weights: (B, N) non-negative sampling weights.
+        scores: (B, N) similarities, for the fallback to the hardest valid negative.
+        valid: (B, N) bool, the candidates that may be negatives.
+        generator: the generator of the uniforms, on the device of ``weights``.
+        hardest: ``hardest_negatives(scores, valid)`` (:func:`hardest_negatives`), if the caller
+            has it already.
+        u: the (B,) uniforms in [0, 1) of the draw, if the caller has drawn them (then
+            ``generator`` is unused).
+
+    Returns:
+        ``(index, has_negative)``: (B,) long and (B,) bool.
     """
     if u is None:
         u = torch.rand(weights.shape[0], generator=generator, device=weights.device)  # (B,)
@@ -291,19 +375,25 @@ def sample_negatives(
 
 
 class Selection(NamedTuple):
-    """Output of `select_negatives`: the negative used per anchor (``index``, ``has``: (B,)), the
-    hardest valid candidate (``hard_index``, ``hard_has``), the counts of flagged and cut
-    candidates (0-d; 0 for ``selection="hardest"``), and with ``masks=True`` (and
-    ``selection="sample"``) the (B, N) ``flagged`` mask and posterior ``p_fn`` of `fne_weights`
-    (else None)."""
+    """What :func:`select_negatives` returns for one direction."""
 
+    #: (B,) long, the candidate used as each anchor's negative.
     index: Tensor
+    #: (B,) bool, whether the anchor has a negative at all.
     has: Tensor
+    #: (B,) long, each anchor's hardest valid candidate.
     hard_index: Tensor
+    #: (B,) bool, whether the anchor has a valid candidate.
     hard_has: Tensor
+    #: 0-d, the number of flagged candidates (0 for ``selection="hardest"``).
     n_flagged: Tensor
+    #: 0-d, the number of cut candidates (0 for ``selection="hardest"``).
     n_cut: Tensor
+    #: (B, N) bool flagged mask of :func:`fne_weights` with ``masks=True`` and
+    #: ``selection="sample"``, else None.
     flagged: Tensor | None
+    #: (B, N) posterior of :func:`fne_weights` with ``masks=True`` and ``selection="sample"``,
+    #: else None.
     p_fn: Tensor | None
 
 
@@ -327,18 +417,43 @@ def select_negatives(
     cutdown_mean: Tensor | None = None,
     coefficients: Tensor | None = None,
 ) -> Selection:
-    """One direction's whole selection (FNE_SPEC sections 5-6): the hardest valid candidate,
-    and for ``selection="sample"`` the weights of `fne_weights` and one draw per anchor with the
-    uniforms ``u`` (B,) (`sample_negatives`); ``selection="hardest"`` uses the hardest candidate
-    (``u`` unused). With ``exclude``, an anchor left without a weighted candidate falls back to
-    its hardest candidate that was not removed (the hardest of all is then a probable match).
-    ``masks``: also return the (B, N) ``flagged`` and ``p_fn`` (for diagnostics against known
-    positives, or the estimated prior); without them only their counts leave the function.
+    """One direction's whole negative selection (FNE_SPEC sections 5-6): one negative per anchor.
+
+    Finds each anchor's hardest valid candidate; ``selection="sample"`` then weighs every
+    candidate (:func:`fne_weights`) and draws one per anchor (:func:`sample_negatives`), while
+    ``selection="hardest"`` uses the hardest. With ``exclude``, an anchor left without a weighted
+    candidate falls back to its hardest candidate that was not removed (the hardest of all is
+    then a probable match).
 
     A pure function of its tensors and Python constants (the caller draws ``u``), so the same
     inputs give the same negatives. It also compiles with ``torch.compile`` without a graph
-    break, but on a CPU that measured too little gain to pay for its compile time (README, "Speed
-    of the default run").
+    break, but on a CPU that measured too little gain to pay for its compile time (docs:
+    journal/2026-12-02-slower-machine-and-selection-work).
+
+    Args:
+        scores: (B, N) anchor-candidate similarities.
+        positive_scores: (B,) each anchor's positive score.
+        valid: (B, N) bool, the candidates that may be negatives.
+        gaussians: the Gaussians of :meth:`SimilarityStats.snapshot()
+            <fne_lightning.fne.stats.SimilarityStats.snapshot>`.
+        u: (B,) uniforms in [0, 1) for the draw (unused, may be None, for ``"hardest"``).
+        selection: ``"sample"`` (FNE) or ``"hardest"``.
+        masks: also return the (B, N) ``flagged`` and ``p_fn`` (for diagnostics against known
+            positives, or the estimated prior); without them only their counts leave the
+            function.
+        tau: as for :func:`fne_weights`.
+        match_prior: as for :func:`fne_weights`.
+        false_margin: as for :func:`fne_weights`.
+        weighting: as for :func:`fne_weights`.
+        cutdown: as for :func:`fne_weights`.
+        posterior: as for :func:`fne_weights`.
+        exclude: as for :func:`fne_weights`.
+        cutdown_mean: as for :func:`fne_weights`.
+        coefficients: as for :func:`fne_weights`.
+
+    Returns:
+        The negatives used, the hardest candidates, and the counts (and masks) of flagged and cut
+        candidates.
     """
     hard_index, hard_has = hardest_negatives(scores, valid)
     if selection == "hardest":

@@ -22,9 +22,14 @@ MAX_BITMAP_BITS = 2**28  # 32 MB packed (and a 256 MB bool table while building 
 
 
 class PositiveIndex(nn.Module):
-    """Membership test for truly matching (image index, caption index) pairs."""
+    """Membership test for truly matching (image index, caption index) pairs.
+
+    Its tensors are non-persistent buffers: they follow the module to the training device but
+    are not saved in checkpoints (they are data of the dataset, rebuilt at set-up).
+    """
 
     def __init__(self) -> None:
+        """Create an empty index (:attr:`available` is False until :meth:`set_pairs`)."""
         super().__init__()
         # Not persistent: it is data of the dataset, rebuilt from the annotations at setup.
         self.register_buffer("keys", torch.empty(0, dtype=torch.long), persistent=False)
@@ -38,11 +43,17 @@ class PositiveIndex(nn.Module):
 
     @property
     def available(self) -> bool:
+        """Whether any pair is listed (False when the data declares no positives)."""
         return self.keys.numel() > 0
 
     def set_pairs(self, pairs: Tensor | None, num_texts: int) -> None:
-        """``pairs``: (P, 2) LongTensor of (image index, caption index); None clears it. ``num_texts``:
-        the captions of the split (at least one more than the largest caption index in ``pairs``)."""
+        """Replace the listed pairs.
+
+        Args:
+            pairs: (P, 2) long (image index, caption index) pairs, or None to clear the index.
+            num_texts: the captions of the split (at least one more than the largest caption
+                index in ``pairs``).
+        """
         device = self.keys.device
         self.bitmap = torch.empty(0, dtype=torch.uint8, device=device)
         if pairs is None or pairs.numel() == 0:
@@ -66,15 +77,32 @@ class PositiveIndex(nn.Module):
             self.bitmap = torch.from_numpy(np.packbits(table, axis=1, bitorder="little").reshape(-1)).to(device)
 
     def listed(self, image_ids: Tensor, text_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Bool tensors (shapes of the inputs): which image ids, and which text ids, occur in some
-        pair. For a stream, none of a batch's text ids (or image ids) listed means the file is not in
-        the stream's ids (e.g. another ``data.text_id_field``), and every pair tests False."""
+        """Which image ids, and which text ids, occur in some listed pair.
+
+        For a stream, none of a batch's text ids (or image ids) listed means the file is not in
+        the stream's ids (e.g. another ``data.text_id_field``), and every pair tests False.
+
+        Args:
+            image_ids: image ids, any shape.
+            text_ids: text ids, any shape.
+
+        Returns:
+            Two bool tensors of the shapes of the inputs.
+        """
         return _member(self.image_keys, image_ids), _member(self.text_keys, text_ids)
 
     def contains(self, image_ids: Tensor, text_ids: Tensor) -> Tensor:
-        """Bool tensor (broadcast shape of the inputs): does each pair truly match?
+        """Whether each (image, caption) pair truly matches.
 
-        Unknown ids (negative, e.g. never-written bank slots, or beyond the split) are never positives.
+        Unknown ids (negative, e.g. never-written bank slots, or beyond the split) are never
+        positives. An empty index answers False everywhere.
+
+        Args:
+            image_ids: image indices, broadcastable with ``text_ids`` (e.g. (B, 1)).
+            text_ids: caption indices (e.g. (1, N)).
+
+        Returns:
+            A bool tensor of the broadcast shape (e.g. (B, N)).
         """
         if not self.available:
             return torch.zeros(torch.broadcast_shapes(image_ids.shape, text_ids.shape),

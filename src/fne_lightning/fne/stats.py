@@ -30,31 +30,37 @@ VAR_FLOOR = 1e-6
 
 
 class Gaussians(NamedTuple):
-    """Tensor snapshot of `SimilarityStats` for `sampling.fne_weights` (scalars, fp32).
+    """Snapshot of :class:`SimilarityStats` for :func:`~fne_lightning.fne.negatives.fne_weights`.
 
-    ``ready`` is a bool scalar and ``pos_count`` the number of positive samples (float),
-    both tensors so callers can branch with ``torch.where`` and never sync.
+    Every field is a 0-d fp32 tensor (``ready`` a bool one), so callers can branch with
+    ``torch.where`` and never sync.
     """
 
-    pos_mean: Tensor
-    pos_var: Tensor
-    neg_mean: Tensor
-    neg_var: Tensor
-    ready: Tensor
-    pos_count: Tensor
+    pos_mean: Tensor  #: Mean similarity of the positives (mu+).
+    pos_var: Tensor  #: Variance of the positives.
+    neg_mean: Tensor  #: Mean similarity of the negatives (mu-).
+    neg_var: Tensor  #: Variance of the negatives.
+    ready: Tensor  #: Bool, at least ``min_pos_samples`` positives were seen.
+    pos_count: Tensor  #: The number of positive samples seen.
 
 
 def confident_samples(similarities: Tensor, same_image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Positive and negative samples of the confidently matched pairs of a batch.
+    """Positive and negative samples of the confidently matched pairs of a batch (FNE_SPEC section 4).
 
-    ``similarities``: (B, B) with S[i, j] = v_i . t_j; ``same_image``: (B, B) bool, True
-    where image i and caption j show the same image (the diagonal is always treated as
-    True). Pair i is confident when S_ii >= every entry of row i and of column i (ties
-    count as confident: S_ii is then still a largest entry). Its samples: S_ii
-    (positive), the hardest entry of row i and of column i that is not same-image
-    (negatives). Returns ``pos_values`` (B,), ``pos_mask`` (B,), ``neg_values`` (2B,)
-    (rows then columns), ``neg_mask`` (2B,); masks instead of boolean indexing, which
-    would sync. A row/column without a different-image entry gives no negative.
+    Pair i is confident when S_ii >= every entry of row i and of column i (ties count as
+    confident: S_ii is then still a largest entry). Its samples are S_ii (a positive) and the
+    hardest entry of row i and of column i that is not same-image (two negatives). A row or
+    column without a different-image entry gives no negative.
+
+    Args:
+        similarities: (B, B) in-batch similarities, S[i, j] = v_i . t_j.
+        same_image: (B, B) bool, True where image i and caption j show the same image (the
+            diagonal is always treated as True).
+
+    Returns:
+        ``(pos_values, pos_mask, neg_values, neg_mask)``, of shapes (B,), (B,), (2B,) and
+        (2B,), the negatives of the rows first and then those of the columns; masks rather
+        than boolean indexing, which would sync.
     """
     s = similarities.detach()
     b = s.shape[0]
@@ -75,10 +81,15 @@ def confident_samples(similarities: Tensor, same_image: Tensor) -> tuple[Tensor,
 
 
 def masked_moments(values: Tensor, mask: Tensor) -> Tensor:
-    """(3,) float64 ``[count, mean, m2]`` of ``values[mask]`` (m2 = sum of squared deviations).
+    """Count, mean and sum of squared deviations (m2) of ``values[mask]``, without a sync.
 
-    Masked-out entries may be non-finite (e.g. -inf placeholders); they never enter the
-    sums. Empty selection gives zeros.
+    Args:
+        values: a tensor of samples; masked-out entries may be non-finite (e.g. -inf
+            placeholders), they never enter the sums.
+        mask: bool, the same shape: the samples to use.
+
+    Returns:
+        (3,) float64 ``[count, mean, m2]``; zeros for an empty selection.
     """
     x = torch.where(mask, values.double(), 0.0)
     weight = mask.double()
@@ -89,7 +100,15 @@ def masked_moments(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def merge_moments(a: Tensor, b: Tensor) -> Tensor:
-    """Merge moments ``a`` and ``b`` (..., 3) of two disjoint sample sets (Chan et al.)."""
+    """Merge the moments of two disjoint sample sets (Chan, Golub and LeVeque).
+
+    Args:
+        a: (..., 3) ``[count, mean, m2]`` of the first set.
+        b: (..., 3) those of the second set.
+
+    Returns:
+        (..., 3) the moments of the union; two empty sets give zeros.
+    """
     na, ma, m2a = a.unbind(-1)
     nb, mb, m2b = b.unbind(-1)
     n = na + nb
@@ -102,10 +121,16 @@ def merge_moments(a: Tensor, b: Tensor) -> Tensor:
 
 
 def merge_moments_stack(moments: Tensor) -> Tensor:
-    """Merge a stack (W, ..., 3) of moments of disjoint sets into one (..., 3), exactly.
+    """Merge a stack of moments of W disjoint sets (e.g. one per rank) into one, exactly.
 
-    Closed form of W-1 pairwise Chan merges: n = sum n_w, mean = sum n_w mean_w / n,
+    The closed form of W-1 pairwise Chan merges: n = sum n_w, mean = sum n_w mean_w / n,
     m2 = sum m2_w + sum n_w (mean_w - mean)^2.
+
+    Args:
+        moments: (W, ..., 3) ``[count, mean, m2]`` of each set.
+
+    Returns:
+        (..., 3) the moments of the union.
     """
     n_w, mean_w, m2_w = moments.unbind(-1)  # each (W, ...)
     n = n_w.sum(0)
@@ -115,12 +140,13 @@ def merge_moments_stack(moments: Tensor) -> Tensor:
 
 
 class SimilarityStats(nn.Module):
-    """Running count/mean/M2 of positive and negative similarities (float64 buffers).
+    """Running count, mean and M2 of the positive and negative similarities: the two Gaussians.
 
-    The buffers are persistent (saved in checkpoints). Beware ``module.to(dtype)`` /
-    ``.half()``: like every floating buffer they would be cast; keep this module out of
-    such casts. ``reset()`` at the start of every epoch reproduces the published
-    behaviour (the caller decides; FNE_SPEC section 4).
+    The six float64 buffers (``pos_count``, ``pos_mean``, ``pos_m2`` and the same for ``neg``)
+    are persistent (saved in checkpoints). Beware ``module.to(dtype)`` / ``.half()``: like every
+    floating buffer they would be cast; keep this module out of such casts. :meth:`reset` at
+    the start of every epoch reproduces the published behaviour (the caller decides; FNE_SPEC
+    section 4).
     """
 
     pos_count: Tensor
@@ -131,6 +157,14 @@ class SimilarityStats(nn.Module):
     neg_m2: Tensor
 
     def __init__(self, min_pos_samples: int = 200) -> None:
+        """Start with no samples.
+
+        Args:
+            min_pos_samples: positive samples needed before :attr:`ready`.
+
+        Raises:
+            ValueError: ``min_pos_samples < 0``.
+        """
         super().__init__()
         if min_pos_samples < 0:
             raise ValueError(f"min_pos_samples={min_pos_samples}: expected >= 0")
@@ -140,10 +174,14 @@ class SimilarityStats(nn.Module):
 
     @torch.no_grad()
     def update(self, similarities: Tensor, same_image: Tensor) -> None:
-        """Add the confident samples of one batch of in-batch online similarities (B, B).
+        """Add the confident samples of one batch (:func:`confident_samples`).
 
         Under DDP each rank's (count, mean, m2) are all-gathered and merged, so every
         rank ends with the statistics of the global batch (all ranks must call this).
+
+        Args:
+            similarities: (B, B) in-batch online similarities, S[i, j] = v_i . t_j.
+            same_image: (B, B) bool, True where image i and caption j show the same image.
         """
         pos_values, pos_mask, neg_values, neg_mask = confident_samples(similarities, same_image)
         batch = torch.stack(
@@ -171,7 +209,7 @@ class SimilarityStats(nn.Module):
 
     @property
     def ready(self) -> Tensor:
-        """Bool scalar: at least ``min_pos_samples`` positives were seen."""
+        """Whether at least ``min_pos_samples`` positives were seen (a 0-d bool tensor)."""
         return self.pos_count >= self.min_pos_samples
 
     @staticmethod
@@ -190,7 +228,7 @@ class SimilarityStats(nn.Module):
         return self._var(self.neg_count, self.neg_m2)
 
     def gaussians(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(pos_mean, pos_var, neg_mean, neg_var)`` as float32 scalars."""
+        """The two Gaussians, ``(pos_mean, pos_var, neg_mean, neg_var)``, as 0-d float32 tensors."""
         return (
             self.pos_mean.float(),
             self.pos_var.float(),
@@ -199,5 +237,5 @@ class SimilarityStats(nn.Module):
         )
 
     def snapshot(self) -> Gaussians:
-        """All that `sampling.fne_weights` needs, as tensors (no host sync)."""
+        """All that :func:`~fne_lightning.fne.negatives.fne_weights` needs, as tensors (no host sync)."""
         return Gaussians(*self.gaussians(), ready=self.ready, pos_count=self.pos_count.float())

@@ -1,7 +1,7 @@
 """The contract between :class:`~fne_lightning.module.RetrievalModule` and a loss.
 
 A loss is one subclass of :class:`RetrievalLoss` and one YAML file in ``conf/loss/`` whose
-``_target_`` names it; ``module.py`` needs no edit (README, "Adding a loss"). What passes
+``_target_`` names it; ``module.py`` needs no edit (docs: guides/adding-a-loss). What passes
 between the two, and nothing else:
 
 * an experiment may set ``loss.warmup_epochs`` and ``loss.warmup_loss`` for any loss (a recipe's
@@ -37,28 +37,38 @@ WARMUP_LOSSES = ("vsepp", "vse0")
 
 
 class PosteriorView(NamedTuple):
-    """What the similarity figure shows of a loss's false-negative model (host floats)."""
+    """What the similarity figure shows of a loss's false-negative model, as host numbers.
 
-    gaussians: tuple[float, float, float, float]  # pos_mean, pos_var, neg_mean, neg_var
+    Returned by :meth:`RetrievalLoss.posterior_view`; see
+    :func:`~fne_lightning.retrieval.plots.similarity_figure` for the figure.
+    """
+
+    #: The Gaussians of matched and unmatched similarities that the false-negative posterior
+    #: uses, as ``(pos_mean, pos_var, neg_mean, neg_var)``.
+    gaussians: tuple[float, float, float, float]
+    #: Whether the Gaussians are in use (at least ``min_pos_samples`` positives seen).
     ready: bool
+    #: Positive samples seen so far.
     pos_count: int
+    #: Positive samples needed before the Gaussians are used.
     min_pos_samples: int
+    #: The prior probability that a candidate matches its anchor, as the posterior uses it.
     match_prior: float
+    #: Candidates scoring at or below ``pos_mean - cutdown`` get weight 0 (None for no cut-down).
     cutdown: float | None
+    #: Candidates with a posterior above ``1 - false_margin`` are flagged as probable false
+    #: negatives.
     false_margin: float
 
 
 class RetrievalLoss(nn.Module):
-    """Base class of every loss the module trains with (see the module docstring).
+    """Base class of every loss the module trains with: the contract above, as methods.
 
-    Args:
-        warmup_epochs: epochs at the start of training during which ``forward`` gets
-            ``warmup=True``.
-        warmup_loss: what a recipe asks for during those epochs, ``vse0`` (hinge over every
-            in-batch negative, learns from random init) or ``vsepp``. Experiments set both keys
-            for every loss (the synthetic recipe's 10 epochs of VSE0), so every loss accepts them;
-            :class:`~fne_lightning.losses.vse.TripletLoss` implements them, a loss of another kind
-            may honour them as it sees fit.
+    A subclass implements :meth:`forward` and, when it needs them, sets
+    :attr:`requires_momentum` and overrides the hooks below. Two attributes are the module's to
+    fill before training: ``generator`` (:meth:`set_generator`) and ``positives``, a
+    :class:`~fne_lightning.fne.positives.PositiveIndex` of the training split's truly matching
+    (image, caption) pairs (empty when the data declares none).
     """
 
     #: The module builds momentum (EMA) encoders and passes ``momentum_image_features`` /
@@ -66,6 +76,20 @@ class RetrievalLoss(nn.Module):
     requires_momentum: ClassVar[bool] = False
 
     def __init__(self, warmup_epochs: int = 0, warmup_loss: str = "vse0") -> None:
+        """Check and keep the warm-up settings that every loss accepts.
+
+        Args:
+            warmup_epochs: epochs at the start of training during which :meth:`forward` gets
+                ``warmup=True``.
+            warmup_loss: what a recipe asks for during those epochs: ``vse0`` (hinge over every
+                in-batch negative, learns from random init) or ``vsepp``. Experiments set both
+                keys for every loss (the synthetic recipe's 10 epochs of VSE0), so every loss
+                accepts them; :class:`~fne_lightning.losses.vse.TripletLoss` implements them, a
+                loss of another kind may honour them as it sees fit.
+
+        Raises:
+            FNEError: a value out of range, naming ``loss.warmup_epochs`` or ``loss.warmup_loss``.
+        """
         super().__init__()
         check(isinstance(warmup_epochs, int) and warmup_epochs >= 0, "loss.warmup_epochs", "an integer >= 0",
               warmup_epochs)
@@ -76,27 +100,61 @@ class RetrievalLoss(nn.Module):
         self.generator: torch.Generator | None = None
 
     def set_generator(self, generator: torch.Generator) -> None:
-        """The per-rank generator for random choices (seeded and checkpointed by the module)."""
+        """Take the generator to draw random choices from (e.g. the negatives FNE samples).
+
+        Args:
+            generator: this rank's generator, on the training device; the module seeds it from
+                ``seed + rank`` and saves its state in checkpoints.
+        """
         self.generator = generator
 
     def on_train_epoch_start(self) -> None:
-        """A new training epoch begins (not called when a run resumes inside an epoch)."""
+        """Hook: a new training epoch begins (not called when a run resumes inside an epoch).
+
+        FNE restarts its Gaussian fit here (``reset_stats_every_epoch``); the default does nothing.
+        """
 
     def momentum_horizon(self, global_batch_size: int) -> int | None:
         """How many of the last warm-up steps need the momentum features (e.g. to fill a bank).
 
         The module skips the momentum forward on earlier warm-up steps and passes ``None`` for
-        the momentum features there (their EMA update still runs every step). ``None``: every
-        step needs them. Only asked of losses that ``requires_momentum``.
+        the momentum features there (their EMA update still runs every step). Only asked of
+        losses that set :attr:`requires_momentum`.
+
+        Args:
+            global_batch_size: pairs per optimizer step over all processes.
+
+        Returns:
+            The number of warm-up steps, or None (the default) when every step needs them.
         """
         return None
 
     def posterior_view(self) -> PosteriorView | None:
-        """The fitted false-negative model for figures, or None for losses without one."""
+        """Describe the fitted false-negative model for the similarity figure.
+
+        Returns:
+            The model's Gaussians and thresholds, or None (the default) for a loss without one.
+        """
         return None
 
     def forward(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor, text_ids: Tensor,
                 momentum_image_features: Tensor | None = None, momentum_text_features: Tensor | None = None,
                 warmup: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss of one batch of B pairs: features (B, D) unit norm, ids (B,) long."""
+        """Loss of one training batch of B (image, caption) pairs.
+
+        Args:
+            image_features: (B, D) online image features, unit norm; row i belongs to pair i.
+            text_features: (B, D) online caption features, unit norm.
+            image_ids: (B,) long: the image index of each pair (captions of one image share it).
+            text_ids: (B,) long: the caption index of each pair.
+            momentum_image_features: (B, D) the momentum encoders' image features of the same
+                batch, for losses that set :attr:`requires_momentum`; None for other losses and on
+                the warm-up steps that :meth:`momentum_horizon` leaves out.
+            momentum_text_features: (B, D) the same for the captions.
+            warmup: True during the first ``warmup_epochs`` epochs.
+
+        Returns:
+            ``(loss, diagnostics)``: the scalar loss, and detached scalar tensors that the module
+            logs as ``fne/<name>``.
+        """
         raise NotImplementedError

@@ -1,9 +1,10 @@
 """False Negative Elimination (Li et al., ACM MM 2023, arXiv 2308.04380; FNE_SPEC sections 2-7).
 
 One negative per anchor is drawn from the batch's momentum features plus a memory bank, with
-weights that fall for probable false negatives (``fne/negatives.py``) under a Gaussian fit of
-positive/negative similarities (``fne/stats.py``). Gradients flow through the anchors only.
-During the warm-up epochs the loss is the in-batch VSE of :class:`TripletLoss`.
+weights that fall for probable false negatives (:mod:`fne_lightning.fne.negatives`) under a
+Gaussian fit of positive/negative similarities (:mod:`fne_lightning.fne.stats`). Gradients flow
+through the anchors only (unless ``online_batch``). During the warm-up epochs the loss is the
+in-batch VSE of :class:`~fne_lightning.losses.vse.TripletLoss`.
 """
 
 from __future__ import annotations
@@ -45,44 +46,16 @@ class _Direction(NamedTuple):
 
 
 class FNELoss(TripletLoss):
-    """False Negative Elimination (FNE_SPEC sections 2-7) with its ablation switches.
+    """False Negative Elimination (FNE_SPEC sections 2-7) with its ablation switches: ``loss=fne``.
 
-    Holds the memory bank and the similarity statistics as buffers (checkpointed with the
-    model). The momentum encoders live in the LightningModule, which owns them and their EMA
-    momentum (config key ``momentum``) and passes their features.
-    Each call updates the statistics (before selection) and enqueues the step's global
-    momentum batch into the bank (after the loss).
-
-    Args (all ``loss.<name>`` in the config):
-        embed_dim: feature dimension D (filled in from the encoder).
-        memory_size: bank slots K; 0 = in-batch candidates only.
-        selection: ``sample`` (FNE) or ``hardest`` (VSE++ over batch + bank candidates).
-        weighting: ``reference`` (published) or ``complement`` (``(1 - p_fn) * hardness``).
-        posterior: use the false-negative posterior (False = hardness weights only).
-        cutdown: drop candidates scoring <= mu+ - cutdown (None = no cut-down).
-        warmup_epochs / warmup_loss: epochs of in-batch VSE before FNE starts.
-        reset_stats_every_epoch: restart the Gaussian fit at each epoch (published behaviour).
-        gather_batch: under DDP, in-batch candidates include the other ranks' batch items.
-
-    Options beyond the paper (README, "Beyond the published rule"; the defaults are the published
-    behaviour):
-        prior: ``fixed`` (``match_prior``, published) or ``estimated``: the candidates' scores
-            are modelled as a two-component Gaussian mixture, matches (weight ``prior``) and
-            non-matches, and all five parameters are fitted on the candidates themselves by one EM
-            step per training step (responsibilities p_fn under the current estimates). The first
-            step starts from ``match_prior`` and the published Gaussians. The published Gaussians
-            are fitted on confidently matched in-batch pairs and their hardest negatives, not on
-            the candidates the posterior is applied to (FNE_SPEC section 11): false negatives
-            score lower than confident pairs, and most candidates far lower than hardest
-            negatives. The estimates are the buffers ``prior_estimate`` and ``mixture`` (pos_mean,
-            pos_var, neg_mean, neg_var; all 0: not yet fitted), kept across epochs.
-        exclude: null (published), or a probability: candidates with ``p_fn > exclude`` are
-            removed (weight 0) instead of down-weighted, and an anchor whose every remaining
-            candidate is cut or removed falls back to its hardest candidate that is not removed.
-        online_batch: the in-batch candidates are the ONLINE features of the batch (gradient to
-            the negative as well as to the anchor, as in VSE++) and the positive score is the
-            online pair's; bank candidates stay momentum features (gradient to the anchor only).
-
+    Each anchor's candidates are the momentum features of the batch followed by the valid slots
+    of a memory bank; one negative per anchor is drawn with weights that fall for hard
+    candidates that are probably false negatives, under a Gaussian fit of matched and unmatched
+    similarities. Each call updates the statistics (before the selection) and enqueues the step's
+    global momentum batch into the bank (after the loss). The bank and the statistics are
+    buffers and submodules, so they are checkpointed with the model. The momentum encoders
+    belong to the LightningModule, which owns their EMA (config key ``momentum``) and passes
+    their features.
     """
 
     requires_momentum = True
@@ -93,6 +66,57 @@ class FNELoss(TripletLoss):
                  selection: str = "sample", warmup_epochs: int = 1, warmup_loss: str = "vsepp",
                  reset_stats_every_epoch: bool = True, gather_batch: bool = False, prior: str = "fixed",
                  exclude: float | None = None, online_batch: bool = False) -> None:
+        """Check the settings (config keys ``loss.<name>``) and create the bank and statistics.
+
+        The defaults are the published ones; ``prior``, ``exclude`` and ``online_batch`` go
+        beyond the paper (what each measured: docs: results/synthetic-fn, "Beyond the published
+        rule").
+
+        Args:
+            embed_dim: the feature dimension D (filled in from the encoder).
+            margin: the triplet margin.
+            memory_size: bank slots K; 0: in-batch candidates only.
+            tau: hardness temperature: a candidate's weight is ``exp(-tau (s - s+)^2)``, s its
+                score and s+ the anchor's positive score.
+            match_prior: prior probability that a candidate matches its anchor, in the
+                false-negative posterior.
+            false_margin: a candidate is a probable false negative when its posterior
+                ``p_fn > 1 - false_margin``.
+            min_pos_samples: positive samples seen before the Gaussians are used.
+            cutdown: candidates scoring at or below ``mu+ - cutdown`` (mu+ the running mean of
+                the positives) get weight 0; None: no cut-down.
+            weighting: ``reference`` (published: probable false negatives get weight
+                ``exp(-tau p_fn)``) or ``complement`` (every weight times ``1 - p_fn``).
+            posterior: use the false-negative posterior; False: hardness weights only.
+            selection: ``sample`` (FNE: one weighted draw per anchor) or ``hardest`` (VSE++ over
+                the same batch and bank candidates).
+            warmup_epochs: epochs of in-batch VSE before FNE starts (the bank fills meanwhile).
+            warmup_loss: ``vsepp`` or ``vse0``.
+            reset_stats_every_epoch: restart the Gaussian fit at each epoch (published behaviour).
+            gather_batch: under DDP, the in-batch candidates include the other ranks' batch items.
+            prior: ``fixed`` (``match_prior``, published) or ``estimated``: the candidates' scores
+                are modelled as a two-component Gaussian mixture, matches (weight ``prior``) and
+                non-matches, and all five parameters are fitted on the candidates themselves by
+                one EM step per training step (responsibilities p_fn under the current
+                estimates), starting from ``match_prior`` and the published Gaussians. The
+                published Gaussians are fitted on confidently matched in-batch pairs and their
+                hardest negatives, not on the candidates the posterior is applied to (FNE_SPEC
+                section 11): false negatives score lower than confident pairs, and most
+                candidates far lower than hardest negatives. The estimates are the buffers
+                ``prior_estimate`` and ``mixture`` (pos_mean, pos_var, neg_mean, neg_var; all 0:
+                not yet fitted), kept across epochs.
+            exclude: None (published), or a probability: candidates with ``p_fn > exclude`` are
+                removed (weight 0) instead of down-weighted, and an anchor whose every remaining
+                candidate is cut or removed falls back to its hardest candidate that is not
+                removed.
+            online_batch: the in-batch candidates are the ONLINE features of the batch (gradient
+                to the negative as well as to the anchor, as in VSE++) and the positive score is
+                the online pair's; bank candidates stay momentum features (gradient to the anchor
+                only).
+
+        Raises:
+            FNEError: a value out of range, naming its ``loss.<name>`` key.
+        """
         super().__init__(margin, warmup_epochs, warmup_loss, gather_batch)
         check(memory_size >= 0, "loss.memory_size", "an integer >= 0", memory_size)
         check(tau > 0, "loss.tau", "a value > 0", tau)
@@ -129,12 +153,21 @@ class FNELoss(TripletLoss):
             self.stats.reset()
 
     def momentum_horizon(self, global_batch_size: int) -> int:
-        """During the warm-up, momentum features only fill the bank, and at FNE's first step the
-        bank holds the last K of them: only the last ceil(K / global batch) warm-up steps count."""
+        """How many of the last warm-up steps need the momentum features: those that fill the bank.
+
+        During the warm-up the momentum features only fill the bank, and at FNE's first step the
+        bank holds the last K of them, so earlier warm-up steps need no momentum forward.
+
+        Args:
+            global_batch_size: pairs per optimizer step over all processes.
+
+        Returns:
+            ``ceil(K / global_batch_size)``.
+        """
         return math.ceil(self.bank.size / global_batch_size)
 
     def posterior_view(self) -> PosteriorView:
-        """The Gaussians as host floats (one sync, for figures at the end of an epoch)."""
+        """The Gaussians and thresholds as host numbers (one sync; for figures after an epoch)."""
         return PosteriorView(tuple(float(g) for g in self._gaussians()[:4]), bool(self.stats.ready),
                              int(self.stats.pos_count), self.stats.min_pos_samples, float(self.prior_estimate),
                              self.cutdown, self.false_margin if self.exclude is None else 1.0 - self.exclude)
@@ -143,9 +176,35 @@ class FNELoss(TripletLoss):
     def forward(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor, text_ids: Tensor,
                 momentum_image_features: Tensor | None = None, momentum_text_features: Tensor | None = None,
                 warmup: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss of one batch of B pairs; features (B, D) unit norm, ids (B,) long.
+        """FNE loss of one batch of B pairs (the in-batch VSE of ``warmup_loss`` while ``warmup``).
 
-        Similarities, statistics and sampling run in fp32 whatever the autocast setting.
+        The contract of :meth:`RetrievalLoss.forward
+        <fne_lightning.losses.base.RetrievalLoss.forward>`. Similarities, statistics and
+        sampling run in fp32 whatever the autocast setting.
+
+        Args:
+            image_features: (B, D) online image features, unit norm.
+            text_features: (B, D) online caption features, unit norm.
+            image_ids: (B,) image indices.
+            text_ids: (B,) caption indices.
+            momentum_image_features: (B, D) momentum image features; None only on the warm-up
+                steps that :meth:`momentum_horizon` leaves out.
+            momentum_text_features: (B, D) momentum caption features, likewise.
+            warmup: True during the ``warmup_epochs``.
+
+        Returns:
+            ``(loss, diagnostics)``, the diagnostics being the Gaussians (``pos_mean``, ``pos_std``,
+            ``neg_mean``, ``neg_std``, ``ready``, ``match_prior``; with ``prior=estimated`` also
+            ``mixture_*``); after the warm-up the shares of valid candidates flagged and cut
+            (``flagged_rate``, ``cutdown_rate``) and the mean score of the used and of the
+            hardest negatives (``sampled_sim``, ``hardest_sim``); and where the data declares
+            its positives, ``sampled_fn_rate`` and ``hardest_fn_rate`` and, after the warm-up,
+            ``fn_base_rate``, ``score_auc`` and, with ``selection=sample``,
+            ``flagged_precision`` and ``posterior_auc`` (see :mod:`fne_lightning.fne.diagnostics`;
+            what they say: docs: concepts/diagnostics).
+
+        Raises:
+            ValueError: the momentum features are missing outside the warm-up.
         """
         with torch.autocast(image_features.device.type, enabled=False):
             v, t = image_features.float(), text_features.float()

@@ -21,13 +21,32 @@ from fne_lightning.utils.distributed import gather_no_grad, gather_with_local_gr
 
 
 def fn_rate(hits: Tensor, mask: Tensor) -> Tensor:
-    """Share of ``mask`` entries that are ``hits`` (0 when the mask is empty), no host sync."""
+    """Share of the ``mask`` entries that are also ``hits`` (e.g. a false-negative rate).
+
+    Args:
+        hits: bool tensor.
+        mask: bool tensor of the same shape: the entries that count.
+
+    Returns:
+        A 0-d float tensor, 0 when the mask is empty (no host sync).
+    """
     return (hits & mask).sum() / mask.sum().clamp(min=1)
 
 
 def triplet_hinge(negative_scores: Tensor, positive_scores: Tensor, margin: float,
                   has_negative: Tensor | None = None) -> Tensor:
-    """mean_i [margin + s_neg(i) - s_pos(i)]_+ over anchors; anchors without a negative add 0."""
+    """Triplet hinge ``mean_i [margin + s_neg(i) - s_pos(i)]_+`` over B anchors.
+
+    Args:
+        negative_scores: (B,) the score of each anchor's negative.
+        positive_scores: (B,) the score of each anchor's positive pair.
+        margin: the triplet margin.
+        has_negative: (B,) bool, or None: anchors without a negative add 0 (and still count in
+            the mean).
+
+    Returns:
+        The 0-d loss.
+    """
     cost = (margin + negative_scores - positive_scores).clamp(min=0)  # (B,)
     if has_negative is not None:
         cost = cost * has_negative
@@ -35,11 +54,18 @@ def triplet_hinge(negative_scores: Tensor, positive_scores: Tensor, margin: floa
 
 
 class VSEOutput(NamedTuple):
+    """What :func:`vse_loss` returns: the loss and each anchor's hardest negative."""
+
+    #: The 0-d loss, image-to-text plus text-to-image.
     loss: Tensor
-    i2t_negative: Tensor  # (B,) candidate caption index of each image anchor's hardest negative
-    t2i_negative: Tensor  # (B,) candidate image index of each caption anchor's hardest negative
-    i2t_has: Tensor  # (B,) bool: the anchor has at least one valid negative
-    t2i_has: Tensor  # (B,) bool
+    #: (B,) candidate index of each image anchor's hardest negative caption.
+    i2t_negative: Tensor
+    #: (B,) candidate index of each caption anchor's hardest negative image.
+    t2i_negative: Tensor
+    #: (B,) bool, whether the image anchor has at least one negative.
+    i2t_has: Tensor
+    #: (B,) bool, whether the caption anchor has at least one negative.
+    t2i_has: Tensor
 
 
 def _vse_direction(anchors: Tensor, candidates: Tensor, positive: Tensor, same_image: Tensor, margin: float,
@@ -54,12 +80,22 @@ def _vse_direction(anchors: Tensor, candidates: Tensor, positive: Tensor, same_i
 def vse_loss(image_features: Tensor, text_features: Tensor, same_image: Tensor, margin: float,
              kind: str = "vsepp", candidate_images: Tensor | None = None,
              candidate_texts: Tensor | None = None) -> VSEOutput:
-    """VSE++ (``kind="vsepp"``, max violation) or VSE0 (``"vse0"``, sum) over in-batch negatives.
+    """VSE++ (max violation) or VSE0 (sum) over in-batch negatives, in both directions.
 
-    ``image_features``, ``text_features`` (B, D): the anchors, row i of both being pair i.
-    Candidates default to the same batch; under ``gather_batch`` they are the global batch
-    (M, D), whose local rows carry the gradient. ``same_image`` (B, M) is True where
-    candidate j shows/describes anchor i's image: never a negative (the pair itself included).
+    Args:
+        image_features: (B, D) image anchors; row i of both feature tensors is pair i.
+        text_features: (B, D) caption anchors.
+        same_image: (B, M) bool, True where candidate j shows or describes anchor i's image:
+            never a negative (the pair itself included).
+        margin: the triplet margin.
+        kind: ``"vsepp"`` (hinge on the hardest negative) or ``"vse0"`` (hinge summed over all
+            negatives).
+        candidate_images: (M, D) the image candidates of the caption anchors; default the batch
+            itself. Under ``gather_batch``, the global batch, whose local rows carry the gradient.
+        candidate_texts: (M, D) the caption candidates of the image anchors; default the batch.
+
+    Returns:
+        The loss (image-to-text plus text-to-image) and each anchor's hardest negative.
     """
     cand_t = text_features if candidate_texts is None else candidate_texts
     cand_v = image_features if candidate_images is None else candidate_images
@@ -72,18 +108,25 @@ def vse_loss(image_features: Tensor, text_features: Tensor, same_image: Tensor, 
 class Candidates(NamedTuple):
     """In-batch candidates: this rank's batch, or under ``gather_batch`` the global one (M rows)."""
 
-    image_features: Tensor  # (M, D)
-    text_features: Tensor  # (M, D)
-    image_ids: Tensor  # (M,)
-    text_ids: Tensor  # (M,)
+    image_features: Tensor  #: (M, D)
+    text_features: Tensor  #: (M, D)
+    image_ids: Tensor  #: (M,)
+    text_ids: Tensor  #: (M,)
 
 
 def batch_candidates(image_features: Tensor, text_features: Tensor, image_ids: Tensor, text_ids: Tensor,
                      gather: bool) -> Candidates:
-    """The batch as candidates; with ``gather`` every rank's batch in rank order.
+    """The batch as in-batch candidates; with ``gather``, every rank's batch in rank order.
 
     Gathered features keep the gradient of the local rows only, the other ranks' rows being
     constants (open_clip's ClipLoss); features without a gradient (momentum ones) stay without.
+
+    Args:
+        image_features: (B, D) this rank's image features.
+        text_features: (B, D) this rank's caption features.
+        image_ids: (B,) their image indices.
+        text_ids: (B,) their caption indices.
+        gather: gather over all ranks (M = world size x B); False: M = B, the inputs as they are.
     """
     if not gather:
         return Candidates(image_features, text_features, image_ids, text_ids)
@@ -92,16 +135,18 @@ def batch_candidates(image_features: Tensor, text_features: Tensor, image_ids: T
 
 
 class TripletLoss(RetrievalLoss):
-    """What VSE and FNE share: the margin, the warm-up loss and DDP gathering of in-batch candidates.
-
-    Args (``loss.<name>``):
-        margin: triplet margin.
-        warmup_epochs / warmup_loss: epochs of in-batch ``vse0`` or ``vsepp`` first.
-        gather_batch: under DDP, in-batch candidates include the other ranks' batch items.
-    """
+    """What VSE and FNE share: the margin, the warm-up loss and DDP gathering of in-batch candidates."""
 
     def __init__(self, margin: float = 0.2, warmup_epochs: int = 0, warmup_loss: str = "vse0",
                  gather_batch: bool = False) -> None:
+        """Check and keep the shared settings (config keys ``loss.<name>``).
+
+        Args:
+            margin: the triplet margin.
+            warmup_epochs: epochs of in-batch ``warmup_loss`` before the loss's own rule.
+            warmup_loss: ``vse0`` or ``vsepp``.
+            gather_batch: under DDP, the in-batch candidates include the other ranks' batch items.
+        """
         super().__init__(warmup_epochs, warmup_loss)
         check(margin >= 0, "loss.margin", "a value >= 0", margin)
         self.margin, self.gather_batch = margin, gather_batch
@@ -112,6 +157,18 @@ class TripletLoss(RetrievalLoss):
 
         Similarities in fp32 whatever the autocast setting, as in FNE: a VSE++ baseline run in
         bf16-mixed scores its negatives like FNE's warm-up does.
+
+        Args:
+            image_features: (B, D) online image features, unit norm.
+            text_features: (B, D) online caption features, unit norm.
+            image_ids: (B,) image indices.
+            text_ids: (B,) caption indices.
+            kind: ``"vsepp"`` or ``"vse0"``.
+
+        Returns:
+            ``(loss, diagnostics)``; with known positives the diagnostics hold
+            ``hardest_fn_rate`` and ``sampled_fn_rate`` (the share of the hardest, and of the
+            used, negatives that truly match their anchor).
         """
         with torch.autocast(image_features.device.type, enabled=False):
             v, t = image_features.float(), text_features.float()
@@ -141,12 +198,24 @@ class TripletLoss(RetrievalLoss):
 class VSELoss(TripletLoss):
     """VSE++ (``max_violation=True``) or VSE0, optionally after ``warmup_epochs`` of another VSE.
 
-    The usual recipe from random init is ``warmup_loss=vse0`` for a few epochs (hardest
-    negatives collapse an untrained model, FNE_SPEC section 12), then VSE++.
+    ``loss=vsepp`` and ``loss=vse0`` in the config. The usual recipe from random init is
+    ``warmup_loss=vse0`` for a few epochs (hardest negatives collapse an untrained model,
+    FNE_SPEC section 12), then VSE++.
     """
 
     def __init__(self, margin: float = 0.2, max_violation: bool = True, warmup_epochs: int = 0,
                  warmup_loss: str = "vse0", gather_batch: bool = False, embed_dim: int | None = None) -> None:
+        """Check and keep the settings (config keys ``loss.<name>``).
+
+        Args:
+            margin: the triplet margin.
+            max_violation: True: VSE++, the hinge on the hardest in-batch negative; False: VSE0,
+                the hinge summed over every in-batch negative.
+            warmup_epochs: epochs of ``warmup_loss`` first.
+            warmup_loss: ``vse0`` or ``vsepp``.
+            gather_batch: under DDP, the in-batch candidates include the other ranks' batch items.
+            embed_dim: unused (every loss is given the feature dimension).
+        """
         super().__init__(margin, warmup_epochs, warmup_loss, gather_batch)
         self.kind = "vsepp" if max_violation else "vse0"
 

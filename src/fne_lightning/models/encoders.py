@@ -42,9 +42,9 @@ WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pth")  # what open_clip looks for i
 class ImageConfig:
     """What the data pipeline must produce for this encoder: size and normalisation."""
 
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    size: int  #: The side of the square input image, in pixels.
+    mean: tuple[float, float, float]  #: Per-channel mean subtracted after scaling to [0, 1].
+    std: tuple[float, float, float]  #: Per-channel standard deviation the centred values are divided by.
 
 
 def _first_line(err: BaseException) -> str:
@@ -81,9 +81,21 @@ def _weights_error(name: str, pretrained: str | None, model_cfg: dict, cache_dir
 
 
 def resolve_model_config(name: str, cache_dir: str | None = None) -> dict[str, Any]:
-    """open_clip's model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) for ``name``: a registered
-    architecture, ``local-dir:DIR`` (read from ``DIR/open_clip_config.json``) or ``hf-hub:org/repo`` (from
-    the Hugging Face cache, else downloaded, together with the repo's weights)."""
+    """open_clip's model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) for a model name.
+
+    Args:
+        name: a registered architecture (``open_clip.list_models()``, ours included),
+            ``local-dir:DIR`` (read from ``DIR/open_clip_config.json``) or ``hf-hub:org/repo``
+            (from the Hugging Face cache, else downloaded, together with the repo's weights).
+        cache_dir: the Hugging Face cache to use (default: ``HF_HUB_CACHE`` / ``HF_HOME``).
+
+    Returns:
+        The ``model_cfg`` dict.
+
+    Raises:
+        FNEError: an unknown name, a directory without config or weights, or a repo that is
+            neither cached nor downloadable.
+    """
     if name.startswith("local-dir:"):
         path = Path(name.removeprefix("local-dir:")).expanduser()
         config_file = path / "open_clip_config.json"
@@ -121,8 +133,18 @@ def resolve_model_config(name: str, cache_dir: str | None = None) -> dict[str, A
 
 
 def load_timm_weights(trunk: nn.Module, path: str, weights_only: bool = True) -> None:
-    """Load a timm checkpoint (a state dict in .safetensors, .pth or .bin) into the image tower's timm
-    ``trunk``, strictly: every weight must be there with its shape, except the classifier head."""
+    """Load a timm checkpoint into the image tower's timm ``trunk``, strictly.
+
+    Every weight must be there with its shape, except the classifier head.
+
+    Args:
+        trunk: the timm model of the image tower (``model.visual.trunk``).
+        path: a state dict in ``.safetensors``, ``.pth`` or ``.bin``.
+        weights_only: refuse pickled code in ``.pth``/``.bin`` files (``torch.load(weights_only=True)``).
+
+    Raises:
+        FNEError: a missing or unreadable file, or weights that do not fit the trunk.
+    """
     key = "model.timm_weights"
     if not os.path.isfile(path):
         raise FNEError(f"{key}={path!r}: file not found (expected a timm state dict: .safetensors, .pth or .bin)")
@@ -188,34 +210,9 @@ def _hf_dir(hf_model: str) -> str:
 class DualEncoder(nn.Module):
     """Image and text towers of an open_clip model, each returning L2-normalised features.
 
-    Args:
-        name: open_clip architecture (``open_clip.list_models()``, plus our ``fne-*`` configs), or
-            open_clip's ``hf-hub:org/repo`` / ``local-dir:/path`` (config and weights from there).
-        pretrained: an open_clip weight tag (e.g. ``openai``), a local checkpoint file, or None
-            for random init. Must be None with ``hf-hub:``/``local-dir:`` names.
-        pretrained_towers: for timm/Hugging Face towers, load each tower's own pretrained weights
-            (ImageNet-21k ViT, bert-base-uncased) when no full ``pretrained`` checkpoint is given.
-        cache_dir: where open_clip / Hugging Face look for downloaded weights.
-        context_length: override the text context length of the config.
-        image_size: override the input resolution of the image tower.
-        image_mean, image_std: override the normalisation open_clip reports for the image tower
-            (timm towers without an open_clip tag default to OpenAI's statistics).
-        trust_pretrained: load a ``pretrained`` or ``timm_weights`` file that
-            ``torch.load(weights_only=True)`` refuses (it would run code pickled in the file: only
-            for files you trust).
-        hf_model: a local Hugging Face model directory (or hub name) for the Hugging Face text tower:
-            its architecture, its tokenizer and, with ``pretrained_towers``, its weights.
-        timm_model: the timm architecture of the timm image tower (``vision_cfg.timm_model_name``).
-        timm_weights: a timm state dict file loaded into the image tower's trunk (classifier head
-            excepted), instead of timm's download when ``pretrained_towers`` is set.
-        embed_dim: override the shared dimension D of the config (towers without a projection must
-            be exactly that wide).
-        trim_text: in training mode, run the text tower on the batch's tokens only up to its
-            longest caption's end token (the padding after it cannot reach any caption's feature
-            through a causal tower that pools at that token): the same features up to rounding, a
-            third less text-tower work on the synthetic data. Only for open_clip's own text tower
-            with its causal mask and end-token pooling (``text_trimmable``); in eval mode every
-            caption is embedded at the full context, so its feature does not depend on its batch.
+    Built from the ``model`` config group (``model.<name>`` keys). Besides the towers it gives
+    the data pipeline what to produce: :attr:`image_config` and :attr:`tokenizer`. open_clip's
+    logit scale (and bias) are frozen: the triplet losses use no temperature.
     """
 
     def __init__(
@@ -235,6 +232,47 @@ class DualEncoder(nn.Module):
         embed_dim: int | None = None,
         trim_text: bool = True,
     ) -> None:
+        """Build the open_clip model and load its weights, or fail with one line that says why.
+
+        Args:
+            name: open_clip architecture (``open_clip.list_models()``, plus our ``fne-*`` configs),
+                or open_clip's ``hf-hub:org/repo`` / ``local-dir:/path`` (config and weights from
+                there).
+            pretrained: an open_clip weight tag (e.g. ``openai``), a local checkpoint file, or None
+                for random init. Must be None with ``hf-hub:``/``local-dir:`` names.
+            pretrained_towers: for timm/Hugging Face towers, load each tower's own pretrained
+                weights (ImageNet-21k ViT, bert-base-uncased) when no full ``pretrained``
+                checkpoint is given.
+            cache_dir: where open_clip / Hugging Face look for downloaded weights.
+            context_length: override the text context length of the config.
+            image_size: override the input resolution of the image tower.
+            image_mean: override the normalisation mean open_clip reports for the image tower
+                (timm towers without an open_clip tag default to OpenAI's statistics).
+            image_std: override the normalisation standard deviation likewise.
+            trust_pretrained: load a ``pretrained`` or ``timm_weights`` file that
+                ``torch.load(weights_only=True)`` refuses (it would run code pickled in the file:
+                only for files you trust).
+            hf_model: a local Hugging Face model directory (or hub name) for the Hugging Face text
+                tower: its architecture, its tokenizer and, with ``pretrained_towers``, its
+                weights.
+            timm_model: the timm architecture of the timm image tower
+                (``vision_cfg.timm_model_name``).
+            timm_weights: a timm state dict file loaded into the image tower's trunk (classifier
+                head excepted), instead of timm's download when ``pretrained_towers`` is set.
+            embed_dim: override the shared dimension D of the config (towers without a projection
+                must be exactly that wide).
+            trim_text: in training mode, run the text tower on the batch's tokens only up to its
+                longest caption's end token (the padding after it cannot reach any caption's
+                feature through a causal tower that pools at that token): the same features up to
+                rounding, a third less text-tower work on the synthetic data. Only for open_clip's
+                own text tower with its causal mask and end-token pooling
+                (:func:`text_trimmable`); in eval mode every caption is embedded at the full
+                context, so its feature does not depend on its batch.
+
+        Raises:
+            FNEError: a bad value, or weights that cannot be found or loaded, naming the key or
+                file and the fix.
+        """
         super().__init__()
         check(isinstance(trim_text, bool), "model.trim_text", "true or false", trim_text)
         schema = next((s for s in SCHEMAS if name.startswith(s)), None)
@@ -321,9 +359,11 @@ class DualEncoder(nn.Module):
                 param.requires_grad_(False)
         self.name = name
         self.trim_text = trim_text and text_trimmable(self.model)
+        #: The tokenizer of the text tower, from a list of n captions to (n, L) long token ids.
         self.tokenizer = self._tokenizer(name, hf_model, overrides.get("text_cfg"), context_length, cache_dir)
         pp = open_clip.get_model_preprocess_cfg(self.model)
         size = pp["size"]
+        #: The image size and normalisation the data pipeline must produce.
         self.image_config = ImageConfig(
             size=int(size[0] if isinstance(size, (tuple, list)) else size),
             mean=tuple(image_mean or pp["mean"]),
@@ -353,23 +393,52 @@ class DualEncoder(nn.Module):
         return self._embed_dim
 
     def encode_image(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, D), unit norm."""
+        """Image features.
+
+        Args:
+            images: (B, 3, H, W) normalised images.
+
+        Returns:
+            (B, D) unit-norm features.
+        """
         return self.model.encode_image(images, normalize=True)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
-        """(B, L) token ids -> (B, D), unit norm."""
+        """Caption features.
+
+        Args:
+            tokens: (B, L) token ids (:attr:`tokenizer`).
+
+        Returns:
+            (B, D) unit-norm features.
+        """
         if self.trim_text and self.training:
             return _encode_text_trimmed(self.model, tokens)
         return self.model.encode_text(tokens, normalize=True)
 
     def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Both towers at once.
+
+        Args:
+            images: (B, 3, H, W) normalised images.
+            tokens: (B, L) token ids.
+
+        Returns:
+            ``(encode_image(images), encode_text(tokens))``, each (B, D).
+        """
         return self.encode_image(images), self.encode_text(tokens)
 
 
 def text_trimmable(model: nn.Module) -> bool:
-    """Whether ``model``'s text tower gives the same pooled feature for tokens cut after the batch's
-    last pooled position: open_clip's ``CLIP`` (its own text transformer, ``encode_text`` not
-    overridden) with a causal attention mask, pooling at the end token (``argmax``, ``eos``)."""
+    """Whether ``model`` may run its text tower on tokens cut after the batch's last pooled position.
+
+    That is, whether the features stay the same (what ``trim_text`` relies on). True for
+    open_clip's ``CLIP`` (its own text transformer, ``encode_text`` not overridden) with a
+    causal attention mask, pooling at the end token (``argmax``, ``eos``).
+
+    Args:
+        model: an open_clip model.
+    """
     return (isinstance(model, open_clip.CLIP) and type(model).encode_text is open_clip.CLIP.encode_text
             and getattr(model, "attn_mask", None) is not None
             and (getattr(model, "text_pool_type", None) == "argmax"
@@ -399,7 +468,14 @@ def _encode_text_trimmed(model: nn.Module, text: Tensor) -> Tensor:
 
 
 def momentum_copy(encoder: nn.Module) -> nn.Module:
-    """A frozen deep copy: no gradient, never handed to the optimizer (FNE_SPEC section 1)."""
+    """The momentum encoder: a frozen deep copy of ``encoder`` (FNE_SPEC section 1).
+
+    Its parameters need no gradient and are never handed to the optimizer; :func:`ema_update`
+    moves them.
+
+    Args:
+        encoder: the online encoder.
+    """
     twin = copy.deepcopy(encoder)
     twin.requires_grad_(False)
     return twin
@@ -407,10 +483,18 @@ def momentum_copy(encoder: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """theta_m <- m * theta_m + (1 - m) * theta for parameters; buffers are copied.
+    """EMA update of the momentum encoder: ``theta_m <- m * theta_m + (1 - m) * theta``.
 
-    One fused ``_foreach_lerp_`` over all tensors: no Python loop per step on the GPU.
-    ``momentum=0`` makes the target equal to the source.
+    Parameters move by the EMA; buffers are copied. One fused ``_foreach_lerp_`` over all
+    tensors: no Python loop per step on the GPU.
+
+    Args:
+        target: the momentum encoder (:func:`momentum_copy` of ``source``).
+        source: the online encoder.
+        momentum: m; 0 makes the target equal to the source.
+
+    Raises:
+        RuntimeError: the two have different parameter lists.
     """
     tgt = [p for p in target.parameters()]
     src = [p.detach() for p in source.parameters()]

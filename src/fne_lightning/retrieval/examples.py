@@ -1,8 +1,8 @@
 """Retrieval examples: the top-k results of a few fixed queries, each marked as the query's own
 pair, another true match (the dataset's extra positives, FNE_SPEC section 10) or no match.
 
-What the retrieval figure (``plots.retrieval_figure``), the W&B example tables
-(``callbacks.RetrievalFigures``) and the notebooks show.
+What the retrieval figure (:func:`~fne_lightning.retrieval.plots.retrieval_figure`), the W&B
+example tables (:class:`~fne_lightning.callbacks.RetrievalFigures`) and the notebooks show.
 """
 
 from __future__ import annotations
@@ -24,14 +24,18 @@ MARKS = {PAIRED: ("paired", "#2ca02c", "✓"), TRUE_MATCH: ("true match", "#1f77
 
 @dataclass
 class RetrievalExamples:
-    """Top-k results of a few queries; marks are PAIRED, TRUE_MATCH or NO_MATCH."""
+    """Top-k results of a few caption and image queries, each result marked.
 
-    text_queries: np.ndarray  # (Q,) caption indices
-    text_results: np.ndarray  # (Q, k) image indices, best first
-    text_marks: np.ndarray  # (Q, k)
-    image_queries: np.ndarray  # (Q,) image indices
-    image_results: np.ndarray  # (Q, k) caption indices, best first
-    image_marks: np.ndarray  # (Q, k)
+    A mark is ``PAIRED`` (2: the query's own pair), ``TRUE_MATCH`` (1: another listed positive)
+    or ``NO_MATCH`` (0).
+    """
+
+    text_queries: np.ndarray  #: (Q,) caption indices of the caption queries.
+    text_results: np.ndarray  #: (Q, k) image indices, best first.
+    text_marks: np.ndarray  #: (Q, k) the mark of each image result.
+    image_queries: np.ndarray  #: (Q,) image indices of the image queries.
+    image_results: np.ndarray  #: (Q, k) caption indices, best first.
+    image_marks: np.ndarray  #: (Q, k) the mark of each caption result.
 
 
 @torch.no_grad()
@@ -40,9 +44,17 @@ def retrieval_examples(image_features: Tensor, text_features: Tensor, text_to_im
                        seed: int = 0) -> RetrievalExamples:
     """Top-``k`` images of ``num_queries`` captions and top-``k`` captions of as many images.
 
-    ``image_features`` (N_img, D) and ``text_features`` (N_txt, D) in dataset order,
-    ``text_to_image`` (N_txt,), ``positive_pairs`` (P, 2) (image, caption) true matches or None.
-    Queries are drawn with ``seed``, so every epoch shows the same ones.
+    Args:
+        image_features: (N_img, D) image features in dataset order.
+        text_features: (N_txt, D) caption features in dataset order.
+        text_to_image: (N_txt,) image index of each caption.
+        positive_pairs: (P, 2) (image index, caption index) true matches, or None.
+        num_queries: queries of each kind (at most the images, and the captions, there are).
+        k: results per query.
+        seed: draws the queries, so every epoch shows the same ones.
+
+    Returns:
+        The queries, their results and the marks of the results.
     """
     n_img, n_txt = image_features.shape[0], text_features.shape[0]
     rng = np.random.default_rng(seed)

@@ -65,15 +65,17 @@ class RetrievalMetric(Metric):
     whole split; duplicated dataset indices (DistributedSampler padding) are dropped and rows are
     ordered by index before ranking. The targets are plain attributes, identical on every rank.
 
-    Args:
-        text_to_image: (N_txt,) int64 image index of each caption (dataset index space).
-        positive_pairs: optional (P, 2) (image index, caption index) extra positives.
-        chunk_size: passed to :func:`retrieval_scores`.
-        kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``compute_on_cpu``).
-
-    ``compute()`` returns a ``dict[str, float]`` (Python floats, as :func:`retrieval_scores`).
-    Use ``update()`` per batch and ``compute()`` per epoch; calling the metric (``forward``)
+    Use :meth:`update` per batch and :meth:`compute` per epoch; calling the metric (``forward``)
     would rank a single batch against the whole split's targets and fail the size check.
+
+    Example::
+
+        metric = RetrievalMetric(text_to_image)
+        for images, indices in image_loader:
+            metric.update(encoder.encode_image(images), indices, "image")
+        for tokens, indices in text_loader:
+            metric.update(encoder.encode_text(tokens), indices, "text")
+        scores = metric.compute()  # {"i2t_r1": ..., "rsum": ...}
     """
 
     is_differentiable = False
@@ -87,6 +89,14 @@ class RetrievalMetric(Metric):
         chunk_size: int | None = None,
         **kwargs: Any,
     ) -> None:
+        """Set the targets of the split to be scored.
+
+        Args:
+            text_to_image: (N_txt,) int64 image index of each caption (dataset index space).
+            positive_pairs: optional (P, 2) (image index, caption index) extra positives.
+            chunk_size: passed to :func:`retrieval_scores`.
+            **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``compute_on_cpu``).
+        """
         super().__init__(**kwargs)
         self.chunk_size = chunk_size
         self.set_targets(text_to_image, positive_pairs)
@@ -95,14 +105,28 @@ class RetrievalMetric(Metric):
             self.add_state(f"{modality}_indices", default=[], dist_reduce_fx="cat")
 
     def set_targets(self, text_to_image: Tensor, positive_pairs: Tensor | None = None) -> None:
-        """Replace the ground truth (e.g. when the evaluation split changes)."""
+        """Replace the ground truth (e.g. when the evaluation split changes).
+
+        Args:
+            text_to_image: (N_txt,) image index of each caption.
+            positive_pairs: optional (P, 2) (image index, caption index) extra positives.
+        """
         self.text_to_image = text_to_image.detach().long()  # (N_txt,)
         self.positive_pairs = None if positive_pairs is None else positive_pairs.detach().long()  # (P, 2)
         # Every image has >= 1 caption, so the largest index names the last image.
         self.num_images = int(self.text_to_image.max()) + 1 if self.text_to_image.numel() else 0
 
     def update(self, features: Tensor, indices: Tensor, modality: str) -> None:
-        """Add a batch: features (B, D) and their dataset indices (B,) of one ``modality``."""
+        """Add a batch of image or caption features.
+
+        Args:
+            features: (B, D) features.
+            indices: (B,) their dataset indices (image indices, or caption indices).
+            modality: ``"image"`` or ``"text"``.
+
+        Raises:
+            ValueError: an unknown modality or inputs of the wrong shape.
+        """
         if modality not in ("image", "text"):
             raise ValueError(f"modality={modality!r}: expected 'image' or 'text'")
         if features.ndim != 2 or indices.shape != (features.shape[0],):
@@ -124,26 +148,41 @@ class RetrievalMetric(Metric):
         return feats["image"], feats["text"]
 
     def features(self) -> tuple[Tensor, Tensor]:
-        """The accumulated features, gathered across ranks, deduplicated and ordered by dataset
-        index: image_features (N_img, D) and text_features (N_txt, D), fp32; exactly what
-        ``compute()`` ranks (e.g. for the COCO 1K folds or for saving embeddings)."""
+        """The accumulated features, gathered across ranks, deduplicated and ordered by dataset index.
+
+        Exactly what :meth:`compute` ranks (e.g. for the COCO 1K folds or for saving embeddings).
+
+        Returns:
+            ``(image_features, text_features)``: (N_img, D) and (N_txt, D), fp32.
+
+        Raises:
+            FNEError: some image or caption of the split was never added.
+        """
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
                                should_unsync=self._should_unsync):
             return self._features()
 
     def fold_scores(self, num_folds: int) -> dict[str, float]:
-        """:func:`coco_1k_scores` of the accumulated features: the mean over ``num_folds``
-        consecutive equal folds of the images (COCO 1K: 5 folds of the 5K test set)."""
+        """:func:`coco_1k_scores` of the accumulated features: the mean over consecutive folds.
+
+        Args:
+            num_folds: the number of equal folds of the images (COCO 1K: 5 folds of the 5K
+                test set).
+        """
         images, texts = self.features()
         return coco_1k_scores(images, texts, self.text_to_image, self.positive_pairs, num_folds,
                               chunk_size=self.chunk_size)
 
     def subset_scores(self) -> tuple[dict[str, float], int, int]:
-        """Scores over the part of the split that was added (``limit_val_batches < 1``): the captions
-        seen whose image was seen, and those images, re-indexed; with the two counts.
+        """Scores over the part of the split that was added (``limit_val_batches < 1``).
 
-        Not comparable with scores of the whole split (fewer candidates make retrieval easier), but
-        a consistent number to select checkpoints by when every pass sees the same part.
+        The captions seen whose image was seen, and those images, re-indexed. Not comparable
+        with scores of the whole split (fewer candidates make retrieval easier), but a
+        consistent number to select checkpoints by when every pass sees the same part.
+
+        Returns:
+            ``(scores, n_images, n_captions)``: the scores of :func:`retrieval_scores` and the
+            numbers of images and captions they rank.
         """
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
                                should_unsync=self._should_unsync):
@@ -165,6 +204,13 @@ class RetrievalMetric(Metric):
         return scores, images.shape[0], texts.shape[0]
 
     def compute(self) -> dict[str, float]:
-        """Deduplicate, order by dataset index and rank: see :func:`retrieval_scores`."""
+        """Scores of the whole split: the features deduplicated, ordered by index and ranked.
+
+        Returns:
+            The dict of Python floats of :func:`retrieval_scores`.
+
+        Raises:
+            FNEError: some image or caption of the split was never added.
+        """
         images, texts = self._features()
         return retrieval_scores(images, texts, self.text_to_image, self.positive_pairs, chunk_size=self.chunk_size)

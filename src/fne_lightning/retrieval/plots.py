@@ -2,14 +2,16 @@
 
 * :func:`similarity_figure`: histograms of the positive and negative similarities FNE fits its
   two Gaussians to (FNE_SPEC section 4), the fitted Gaussians, the false-negative posterior
-  p_fn(s) of section 5 (computed by :func:`fne.negatives.false_negative_posterior`, not re-derived),
-  the flagging threshold ``1 - false_margin`` and the cut-down ``mu+ - cutdown`` of section 6.
-* :func:`example_rows` + :func:`retrieval_figure`: the examples of ``examples.retrieval_examples``
-  (a few fixed queries with their top-k results, each marked as the query's own pair, another
-  true match or no match) as bordered thumbnails and coloured captions.
+  p_fn(s) of section 5 (computed by
+  :func:`~fne_lightning.fne.negatives.false_negative_posterior`, not re-derived), the flagging
+  threshold ``1 - false_margin`` and the cut-down ``mu+ - cutdown`` of section 6.
+* :func:`example_rows` + :func:`retrieval_figure`: the examples of
+  :func:`~fne_lightning.retrieval.examples.retrieval_examples` (a few fixed queries with their
+  top-k results, each marked as the query's own pair, another true match or no match) as
+  bordered thumbnails and coloured captions.
 
-The samples of the histograms come from ``callbacks.SimilarityReservoir`` during training, and
-the callback shapes the examples into W&B tables.
+The samples of the histograms come from :class:`~fne_lightning.callbacks.SimilarityReservoir`
+during training, and the callback shapes the examples into W&B tables.
 
 Figures are ``matplotlib.figure.Figure`` objects built without pyplot (no global state, the Agg
 canvas), so they work in training processes, threads and notebooks alike.
@@ -49,11 +51,20 @@ def similarity_figure(pos_scores: np.ndarray, neg_scores: np.ndarray,
                       title: str = "") -> Any:
     """Histograms of positive/negative similarities, fitted Gaussians, p_fn(s) and the cut-down.
 
-    ``pos_scores``, ``neg_scores``: 1-D samples (e.g. ``SimilarityReservoir.samples()``);
-    ``gaussians``: ``(pos_mean, pos_var, neg_mean, neg_var)`` or None (a loss without FNE
-    statistics: histograms only); ``match_prior`` (with ``gaussians``) adds the posterior panel,
-    ``false_margin`` its flagging threshold ``1 - false_margin``, ``cutdown`` the line at
-    ``mu+ - cutdown`` below which candidates get weight 0. Returns a matplotlib Figure.
+    Args:
+        pos_scores: 1-D samples of positive similarities (e.g. the first array of
+            :meth:`SimilarityReservoir.samples() <fne_lightning.callbacks.SimilarityReservoir.samples>`).
+        neg_scores: 1-D samples of negative similarities.
+        gaussians: ``(pos_mean, pos_var, neg_mean, neg_var)``, or None for a loss without FNE
+            statistics (histograms only).
+        match_prior: with ``gaussians``, adds the panel of the posterior p_fn(s).
+        cutdown: with ``gaussians``, the line at ``mu+ - cutdown`` below which candidates get
+            weight 0.
+        false_margin: the posterior panel's flagging threshold ``1 - false_margin``.
+        title: the figure's title (default: "similarities of confidently matched pairs").
+
+    Returns:
+        A ``matplotlib.figure.Figure``.
     """
     pos, neg = np.asarray(pos_scores, dtype=np.float64), np.asarray(neg_scores, dtype=np.float64)
     posterior = gaussians is not None and match_prior is not None
@@ -107,7 +118,14 @@ def similarity_figure(pos_scores: np.ndarray, neg_scores: np.ndarray,
 
 
 def thumbnail(image: Image.Image, mark: int | None = None, size: int = 96) -> Image.Image:
-    """Square RGB thumbnail with a border in the colour of ``mark`` (none when None)."""
+    """Square RGB thumbnail of ``image``, bordered in the colour of ``mark``.
+
+    Args:
+        image: any PIL image.
+        mark: ``PAIRED``, ``TRUE_MATCH``, ``NO_MATCH`` (of :mod:`fne_lightning.retrieval.examples`)
+            or None for no border.
+        size: the side in pixels.
+    """
     thumb = ImageOps.fit(image.convert("RGB"), (size, size))
     return thumb if mark is None else ImageOps.expand(thumb, border=max(2, size // 16), fill=MARKS[mark][1])
 
@@ -118,7 +136,18 @@ ImageRow = tuple[Image.Image, list[tuple[str, int | None]]]  # image, [(caption,
 
 def example_rows(examples: RetrievalExamples, captions: Sequence[str],
                  load_image: Callable[[int], Image.Image]) -> tuple[list[TextRow], list[ImageRow]]:
-    """Resolve indices into captions and (bordered) thumbnails for the figure and tables."""
+    """Resolve the indices of ``examples`` into captions and (bordered) thumbnails.
+
+    Args:
+        examples: the output of :func:`~fne_lightning.retrieval.examples.retrieval_examples`.
+        captions: the split's captions, by caption index.
+        load_image: image index -> PIL image.
+
+    Returns:
+        ``(text_rows, image_rows)`` for :func:`retrieval_figure` and the W&B tables: each text
+        row a caption with its ``(thumbnail, mark)`` results, each image row a thumbnail with its
+        ``(caption, mark)`` results.
+    """
     thumbs: dict[int, Image.Image] = {}  # unmarked thumbnails: an image may appear several times
 
     def thumb(i: int) -> Image.Image:
@@ -139,7 +168,16 @@ def retrieval_figure(text_rows: Sequence[TextRow], image_rows: Sequence[ImageRow
     """Grid: each caption query with its top-k images, each image query with its top-k captions.
 
     Images are drawn as given (use :func:`thumbnail` for marked borders), fitted into square
-    cells of ``cell`` pixels; captions are coloured by their mark. Returns a matplotlib Figure.
+    cells; captions are coloured by their mark.
+
+    Args:
+        text_rows: caption queries with their image results (:func:`example_rows`).
+        image_rows: image queries with their caption results.
+        title: the figure's title.
+        cell: the side of a cell in pixels.
+
+    Returns:
+        A ``matplotlib.figure.Figure``.
     """
     k = max([len(r[1]) for r in [*text_rows, *image_rows]], default=1)
     n_rows = max(len(text_rows) + len(image_rows), 1)
@@ -171,7 +209,15 @@ def retrieval_figure(text_rows: Sequence[TextRow], image_rows: Sequence[ImageRow
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write ``fig`` as PNG (parents created) and return the path."""
+    """Write ``fig`` as a PNG file, creating its directory.
+
+    Args:
+        fig: a matplotlib figure.
+        path: where to write it.
+
+    Returns:
+        The path written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -265,7 +265,17 @@ def retrieval_scores(
     positive_pairs: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> dict[str, float]:
-    """Image-text retrieval scores (FNE_SPEC sections 9 and 10), in percent except medr/meanr.
+    """Retrieval scores of a split's features (FNE_SPEC sections 9-10), in percent except medr/meanr.
+
+    Ranks are 0-based and pessimistic: the rank of an image is the number of non-relevant
+    captions scoring >= its best ground-truth caption, the rank of a caption the number of
+    other images scoring >= its own image. Ties count against the query, so a collapsed model
+    (all embeddings equal) gets R@K = 0, not 100. Without ties, and with one chunk, the ranks
+    equal a per-query argsort of ``I @ T.T`` exactly. For the multi-positive metrics items are
+    ordered by score, and at equal scores non-relevant items first. With several chunks, scores
+    of different row blocks (and the text-to-image multi-positive pass, which multiplies caption
+    blocks ``T[c] @ I.T``) can differ from the one-chunk matrix in the last bit, which only
+    matters for near-exact ties.
 
     Args:
         image_features: (N_img, D) L2-normalised image embeddings (any float dtype; fp32 math).
@@ -279,18 +289,20 @@ def retrieval_scores(
             evenly). Default: as many as keep a chunk <= 2**28 fp32 elements.
 
     Returns:
-        ``i2t_r1, i2t_r5, i2t_r10, i2t_medr, i2t_meanr``, the same for ``t2i``, ``rsum``, and
-        with positives ``{i2t,t2i}_{rprecision,map_at_r,any_r1,any_r5,any_r10}``, as floats.
+        A dict of Python floats by name. ``i2t_r1``, ``i2t_r5``, ``i2t_r10`` (R@K, percent),
+        ``i2t_medr`` and ``i2t_meanr`` (median and mean rank, 1-based), the same for ``t2i``,
+        ``rsum`` (the sum of the six R@K), and with ``positive_pairs`` also
+        ``{i2t,t2i}_{rprecision,map_at_r,any_r1,any_r5,any_r10}`` (percent).
 
-    Ranks are 0-based and pessimistic: the rank of an image is the number of non-relevant
-    captions scoring >= its best ground-truth caption, the rank of a caption the number of
-    other images scoring >= its own image. Ties count against the query, so a collapsed model
-    (all embeddings equal) gets R@K = 0, not 100. Without ties, and with one chunk, the ranks
-    equal a per-query argsort of ``I @ T.T`` exactly. For the multi-positive metrics items are
-    ordered by score, and at equal scores non-relevant items first. With several chunks, scores
-    of different row blocks (and the text-to-image multi-positive pass, which multiplies caption
-    blocks ``T[c] @ I.T``) can differ from the one-chunk matrix in the last bit, which only
-    matters for near-exact ties.
+    Raises:
+        ValueError: features or indices of the wrong shape or dtype, no image or no caption, or
+            non-finite features.
+        FNEError: indices out of range, an image without a caption, or a bad ``chunk_size``.
+
+    Example::
+
+        scores = retrieval_scores(image_features, text_features, text_to_image)
+        print(scores["i2t_r1"], scores["rsum"])
     """
     images, texts, gt, pairs = _checked_inputs(image_features, text_features, text_to_image, positive_pairs)
     n_img, n_txt = images.shape[0], texts.shape[0]
@@ -327,10 +339,18 @@ def topk_neighbours(
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` best-scoring gallery items of every query (dot product), best first.
 
-    query (Q, D) and gallery (N, D) features. Returns scores (Q, k') fp32 and indices (Q, k')
-    int64 with ``k' = min(k, N)``. Queries are scored in chunks of at most ``chunk_size`` rows
-    (default: a chunk holds <= 2**28 scores), so the whole Q x N matrix never exists. The order
-    of exactly tied items is unspecified.
+    Queries are scored in chunks, so the whole Q x N matrix never exists. The order of exactly
+    tied items is unspecified.
+
+    Args:
+        query: (Q, D) query features.
+        gallery: (N, D) gallery features.
+        k: items per query (at most N are returned).
+        chunk_size: queries per chunk (at most); default: as many as keep a chunk <= 2**28
+            scores.
+
+    Returns:
+        ``(scores, indices)``: (Q, k') fp32 and (Q, k') int64, ``k' = min(k, N)``.
     """
     if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
         raise ValueError(f"expected query (Q, D) and gallery (N, D), got {tuple(query.shape)} and "
@@ -360,8 +380,22 @@ def coco_1k_scores(
 
     Fold f holds images ``[f * n, (f + 1) * n)`` with ``n = N_img / num_folds`` and the captions
     of those images (in any order in the input), re-indexed; positive pairs are kept where both
-    sides fall in the fold. Shapes as in :func:`retrieval_scores`; ``kw`` goes to it. Every key
-    is the mean of the fold values (so rsum is the mean of the fold rsums).
+    sides fall in the fold.
+
+    Args:
+        image_features: (N_img, D), as for :func:`retrieval_scores`.
+        text_features: (N_txt, D).
+        text_to_image: (N_txt,) int64 image index of each caption.
+        positive_pairs: optional (P, 2) extra (image index, caption index) positives.
+        num_folds: the number of folds; must divide N_img (COCO 1K: 5 folds of the 5K test set).
+        **kw: passed to :func:`retrieval_scores` (``chunk_size``).
+
+    Returns:
+        The keys of :func:`retrieval_scores`, each the mean of its fold values (so ``rsum`` is
+        the mean of the fold rsums).
+
+    Raises:
+        FNEError: ``num_folds`` does not divide the number of images.
     """
     n_img = image_features.shape[0]
     if not isinstance(num_folds, int) or num_folds < 1 or n_img % num_folds:

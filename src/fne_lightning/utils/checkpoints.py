@@ -28,7 +28,12 @@ MOVED_TARGETS = {
 
 
 def upgrade_targets(config: Any) -> Any:
-    """The config with every ``_target_`` of a moved class rewritten to its current path."""
+    """The config with every ``_target_`` of a moved class rewritten to its current path.
+
+    Args:
+        config: a run config as plain containers (dicts and lists), e.g. a checkpoint's
+            ``hyper_parameters``.
+    """
     if isinstance(config, dict):
         out = {k: upgrade_targets(v) for k, v in config.items()}
         target = out.get("_target_")
@@ -43,11 +48,23 @@ def upgrade_targets(config: Any) -> Any:
 
 
 def load_checkpoint(path: Path, trust: bool, key: str = "ckpt_path") -> dict[str, Any]:
-    """``torch.load`` on the CPU, refusing pickled code unless ``trust``; one clear line on failure.
+    """Load a checkpoint of ``fne_lightning.train`` on the CPU, refusing pickled code unless ``trust``.
 
     Memory-mapped when the file is in torch's zip format (every Lightning checkpoint): checking
     keys and shapes then reads only the file's metadata, not gigabytes of weights and optimizer
-    state that the Trainer reads again when it resumes.
+    state that the Trainer reads again when it resumes. Class paths of an older layout in its
+    run config are upgraded (:func:`upgrade_targets`).
+
+    Args:
+        path: the checkpoint file.
+        trust: allow full unpickling (``trust_checkpoint=true``): only for files you trust.
+        key: how errors name the file (the config key it came from).
+
+    Returns:
+        The checkpoint dict (``state_dict``, ``hyper_parameters``, ...).
+
+    Raises:
+        FNEError: a missing, unreadable or refused file, or one without ``encoder.*`` weights.
     """
     if not path.is_file():
         raise FNEError(f"{key}={str(path)!r}: file not found")
@@ -74,11 +91,20 @@ def load_checkpoint(path: Path, trust: bool, key: str = "ckpt_path") -> dict[str
 
 def checkpoint_mismatch(ckpt_path: str | Path, trained: Mapping[str, Any], requested: Mapping[str, Any],
                         detail: str, ignore: tuple[str, ...] = ()) -> FNEError:
-    """One line naming the checkpoint, the model config it was trained with, the one requested
-    (the keys that differ) and ``detail`` (e.g. :func:`state_mismatch`'s first difference).
+    """The error for a checkpoint that does not fit the requested model, in one line.
 
-    ``trained``/``requested``: ``model`` configs (the checkpoint's ``hyper_parameters["model"]``
-    and this run's); keys in ``ignore`` (and ``_target_``) are not compared.
+    The line names the checkpoint, the model config it was trained with, the one requested
+    (the keys that differ) and ``detail``.
+
+    Args:
+        ckpt_path: the checkpoint.
+        trained: the ``model`` config it was trained with (its ``hyper_parameters["model"]``).
+        requested: this run's ``model`` config.
+        detail: what does not fit (e.g. :func:`state_mismatch`'s first difference).
+        ignore: keys not compared (besides ``_target_``).
+
+    Returns:
+        The :class:`~fne_lightning.errors.FNEError` to raise.
     """
     changed = [f"model.{k}={requested.get(k)!r} (checkpoint: {trained.get(k)!r})"
                for k in sorted(set(requested) | set(trained))
@@ -89,7 +115,15 @@ def checkpoint_mismatch(ckpt_path: str | Path, trained: Mapping[str, Any], reque
 
 
 def state_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> str | None:
-    """The first difference between two state dicts (missing/unexpected key, shape), or None."""
+    """The first difference between two state dicts (missing or unexpected key, shape), or None.
+
+    Args:
+        expected: the model's state dict.
+        found: the checkpoint's.
+
+    Returns:
+        One phrase naming the key, or None when they fit.
+    """
     for key in sorted(set(expected) | set(found)):
         if key not in expected:
             return f"checkpoint weight {key!r} is not in the model"

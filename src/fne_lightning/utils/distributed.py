@@ -1,4 +1,4 @@
-"""Small `torch.distributed` helpers that degrade to no-ops in a single process.
+"""Small ``torch.distributed`` helpers that degrade to no-ops in a single process.
 
 FNE (Li et al., ACM MM 2023, arXiv 2308.04380) under DDP needs two collectives
 (FNE_SPEC sections 2 and 4): every rank gathers the global batch of momentum features
@@ -28,10 +28,13 @@ def world_size() -> int:
 def gather_no_grad(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0, in rank order, without gradient.
 
-    ``tensor``: (n, ...) with the SAME shape and dtype on every rank (``all_gather``
-    requires it; pad beforehand if local batches can differ, e.g. a ragged last batch
-    without ``drop_last``). Returns (world_size * n, ...); in a single process it returns
-    ``tensor.detach()`` (same storage, no copy).
+    Args:
+        tensor: (n, ...) with the SAME shape and dtype on every rank (``all_gather`` requires
+            it; pad beforehand if local batches can differ, e.g. a ragged last batch without
+            ``drop_last``).
+
+    Returns:
+        (world_size * n, ...); in a single process ``tensor.detach()`` (same storage, no copy).
     """
     if not is_distributed():
         return tensor.detach()
@@ -44,10 +47,16 @@ def gather_no_grad(tensor: Tensor) -> Tensor:
 
 
 def gather_with_local_grad(tensor: Tensor) -> Tensor:
-    """Like `gather_no_grad`, but this rank's rows keep their gradient (open_clip style).
+    """Like :func:`gather_no_grad`, but this rank's rows keep their gradient (open_clip style).
 
     The other ranks' rows are constants here; each rank back-propagates through its own
     rows, and DDP's gradient averaging combines the ranks. Identity in a single process.
+
+    Args:
+        tensor: (n, ...) of the same shape on every rank.
+
+    Returns:
+        (world_size * n, ...).
     """
     if not is_distributed():
         return tensor
@@ -59,7 +68,11 @@ def gather_with_local_grad(tensor: Tensor) -> Tensor:
 
 @torch.no_grad()
 def any_rank(flag: Tensor) -> Tensor:
-    """True on every rank if ``flag`` (a bool scalar) is True on any rank; identity in one process."""
+    """True on every rank if ``flag`` is True on any rank; identity in one process.
+
+    Args:
+        flag: a 0-d bool tensor.
+    """
     if not is_distributed():
         return flag
     value = flag.to(torch.int32).reshape(1)
@@ -69,7 +82,11 @@ def any_rank(flag: Tensor) -> Tensor:
 
 @torch.no_grad()
 def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """The sum of ``tensor`` over all ranks (a new tensor, no gradient); a detached copy in one process."""
+    """The sum of ``tensor`` over all ranks (a new tensor, no gradient); a detached copy in one process.
+
+    Args:
+        tensor: the same shape on every rank.
+    """
     out = tensor.detach().clone()
     if is_distributed():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)

@@ -30,9 +30,13 @@ class QuietLibraries(logging.Filter):
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """Call once at the start of an entry point's task, after Hydra configured logging.
+    """Route every library's log lines through Hydra's handlers once, quietly.
 
-    Imports Lightning first so that its import-time handlers exist and can be removed here.
+    Call once at the start of an entry point's task, after Hydra configured logging. Imports
+    Lightning first so that its import-time handlers exist and can be removed here.
+
+    Args:
+        verbose: show INFO lines of every library, not only this package's and Hydra's.
     """
     import lightning  # noqa: F401  (its import adds the handlers removed below)
 

@@ -1,4 +1,4 @@
-"""glibc's allocator settings for training on a CPU (config key ``malloc``; README, "Speed").
+"""glibc's allocator settings for training on a CPU (config key ``malloc``).
 
 PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves a request above its mmap
 threshold with a fresh mapping (the dynamic threshold grows to at most 32 MB), and returns memory
@@ -8,7 +8,8 @@ on first touch. FNE's step at the paper's large size forms a dozen (128, 65,664)
 (34 MB each) per direction, so with glibc's defaults it spent more time in page faults than in its
 elementwise passes. Raising both thresholds keeps freed buffers in the heap for the next step: the
 same tensors and results, fewer faults. The cost is that memory freed after a peak stays with the
-process (up to the trim threshold) instead of going back to the system.
+process (up to the trim threshold) instead of going back to the system. Measured in docs:
+journal/2026-12-02-glibc-allocator (and results/speed).
 """
 
 from __future__ import annotations
@@ -31,7 +32,18 @@ MAX_MB = (2**31 - 1) >> 20
 
 
 def check_settings(settings: Any, key: str = "malloc") -> tuple[int, int] | None:
-    """``(mmap_threshold_mb, trim_threshold_mb)`` of a ``malloc`` config node, or None for null."""
+    """Check a ``malloc`` config node.
+
+    Args:
+        settings: the node (``mmap_threshold_mb``, ``trim_threshold_mb``), or None.
+        key: how errors name it.
+
+    Returns:
+        ``(mmap_threshold_mb, trim_threshold_mb)``, or None for None.
+
+    Raises:
+        FNEError: a value that is not a whole number of MB in range.
+    """
     if settings is None:
         return None
     values = []
@@ -44,10 +56,18 @@ def check_settings(settings: Any, key: str = "malloc") -> tuple[int, int] | None
 
 
 def configure_malloc(settings: Any, key: str = "malloc") -> bool:
-    """Apply a ``malloc`` config node (``mmap_threshold_mb``, ``trim_threshold_mb``; null: leave
-    glibc's defaults) to this process with ``mallopt(3)``. Processes forked later (data loader
-    workers) inherit it. True when applied; False for null, or where the C library is not glibc
-    (macOS, musl, Windows), whose allocators these settings do not describe."""
+    """Apply a ``malloc`` config node to this process with ``mallopt(3)``.
+
+    Processes forked later (data loader workers) inherit it.
+
+    Args:
+        settings: ``mmap_threshold_mb`` and ``trim_threshold_mb``; None leaves glibc's defaults.
+        key: how errors name it.
+
+    Returns:
+        True when applied; False for None, or where the C library is not glibc (macOS, musl,
+        Windows), whose allocators these settings do not describe.
+    """
     thresholds = check_settings(settings, key)
     if thresholds is None:
         return False
@@ -65,8 +85,15 @@ def configure_malloc(settings: Any, key: str = "malloc") -> bool:
 
 
 def configure_like_training(choice: str) -> bool:
-    """For benchmarks outside ``fne_lightning.train``: ``choice="train"`` applies the ``malloc`` node
-    of ``conf/train.yaml`` (what a training run uses), ``"glibc"`` leaves glibc's defaults."""
+    """Set the allocator as a training run would, for benchmarks outside ``fne_lightning.train``.
+
+    Args:
+        choice: ``"train"`` applies the ``malloc`` node of ``conf/train.yaml`` (what a training
+            run uses), ``"glibc"`` leaves glibc's defaults.
+
+    Returns:
+        Whether settings were applied (:func:`configure_malloc`).
+    """
     check(choice in ("train", "glibc"), "--malloc", "train or glibc", choice)
     if choice == "glibc":
         return False

@@ -25,8 +25,17 @@ def _fmt(value: float | None) -> str:
 
 def table_rows(metrics: Mapping[str, float], prefix: str,
                title: str | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per direction) of the table for keys ``<prefix>/<dir>_<metric>``;
-    the header's first cell is ``title`` (default: the prefix)."""
+    """Header and rows (one per direction) of the retrieval table, as formatted strings.
+
+    Args:
+        metrics: logged metrics with keys ``<prefix>/<dir>_<metric>`` (e.g. ``test/i2t_r1``).
+        prefix: the stage whose metrics are shown (``test``, ``val``, ``test_1k``).
+        title: the header's first cell (default: the prefix).
+
+    Returns:
+        ``(header, rows)``; the multi-positive columns only when ``metrics`` has them, ``-`` for
+        a missing value.
+    """
     multi = any(f"{prefix}/i2t_{k}" in metrics for k, _ in MULTI)
     columns = STANDARD + (MULTI if multi else ())
     header = [title or prefix] + [name for _, name in columns]
@@ -35,7 +44,13 @@ def table_rows(metrics: Mapping[str, float], prefix: str,
 
 
 def format_table(metrics: Mapping[str, float], prefix: str = "test", title: str | None = None) -> str:
-    """Fixed-width table of i2t and t2i R@1/5/10, medr, meanr (and multi-positive metrics), plus rsum."""
+    """Fixed-width text table of i2t and t2i R@1/5/10, medr, meanr (and multi-positive metrics), plus rsum.
+
+    Args:
+        metrics: as for :func:`table_rows`.
+        prefix: as for :func:`table_rows`.
+        title: as for :func:`table_rows`.
+    """
     header, rows = table_rows(metrics, prefix, title)
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     line = lambda r: "  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
@@ -45,6 +60,13 @@ def format_table(metrics: Mapping[str, float], prefix: str = "test", title: str 
 
 
 def format_markdown(metrics: Mapping[str, float], prefix: str = "test", title: str | None = None) -> str:
+    """The table of :func:`format_table` as Markdown, with rsum in bold below it.
+
+    Args:
+        metrics: as for :func:`table_rows`.
+        prefix: as for :func:`table_rows`.
+        title: as for :func:`table_rows`.
+    """
     header, rows = table_rows(metrics, prefix, title)
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -65,12 +87,20 @@ RUN_KEYS = (("val/rsum_best", "best val rsum", "number"),
 
 def print_summary(metrics: Mapping[str, float], files: Mapping[str, object] | None = None,
                   prefix: str | None = "test", title: str | None = None, console: object | None = None) -> None:
-    """Print a run's summary with rich: the retrieval table of ``prefix`` (the columns of
-    :func:`format_table`, then rsum), the training numbers of ``RUN_KEYS`` that ``metrics`` has
-    (last epoch's averages), and ``files`` (label -> path or command; None entries skipped).
+    """Print a run's end-of-run summary with rich.
 
-    ``console``: a ``rich.console.Console`` (default: stdout; when that is not a terminal, 160
-    columns wide so that no column is squeezed in logs).
+    The retrieval table of ``prefix`` (the columns of :func:`format_table`, then rsum), the
+    training numbers of ``RUN_KEYS`` that ``metrics`` has (last epoch's averages: the
+    false-negative rates, the flagged share and precision, the posterior's AUC, ...), and the
+    run's files.
+
+    Args:
+        metrics: logged metrics by key (``test/i2t_r1``, ``fne/sampled_fn_rate``, ...).
+        files: label -> path or command; None entries are skipped.
+        prefix: the stage of the retrieval table; None: no table.
+        title: the table's title (default: the prefix).
+        console: a ``rich.console.Console`` (default: stdout; when that is not a terminal, 160
+            columns wide so that no column is squeezed in logs).
     """
     from rich.console import Console
     from rich.table import Table
@@ -106,8 +136,14 @@ def print_summary(metrics: Mapping[str, float], files: Mapping[str, object] | No
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open ``path`` for writing through a temporary file renamed into place on success: a
-    reader never sees a half-written file, and a failed write leaves no file behind."""
+    """Context manager: open ``path`` for writing through a temporary file renamed into place on success.
+
+    A reader never sees a half-written file, and a failed write leaves no file behind.
+
+    Args:
+        path: the file to write.
+        mode: the ``open`` mode (``"w"`` text in UTF-8, ``"wb"`` bytes).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -119,7 +155,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, object]) -> None:
-    """Write JSON atomically (:func:`atomic_write`)."""
+    """Write ``data`` as indented JSON with sorted keys, atomically (:func:`atomic_write`).
+
+    Args:
+        path: the file to write.
+        data: a JSON-serialisable mapping.
+    """
     with atomic_write(path) as f:
         json.dump(dict(data), f, indent=2, sort_keys=True)
         f.write("\n")

@@ -45,7 +45,7 @@ _NOT_CARRIED = ("hydra.run.dir", "resume", "ckpt_path")
 
 
 def slurm_job_id() -> str | None:
-    """``<array job>_<task>`` for array jobs, else ``SLURM_JOB_ID``; None outside SLURM."""
+    """The SLURM job id: ``<array job>_<task>`` for array jobs, else ``SLURM_JOB_ID``; None outside SLURM."""
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     if array and os.environ.get("SLURM_ARRAY_TASK_ID"):
         return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
@@ -53,14 +53,21 @@ def slurm_job_id() -> str | None:
 
 
 def restarted() -> bool:
-    """This SLURM job is a requeued restart (SLURM counts restarts in ``SLURM_RESTART_COUNT``)."""
+    """Whether this SLURM job is a requeued restart (SLURM counts restarts in ``SLURM_RESTART_COUNT``)."""
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0) >= 1
 
 
 def run_name(task_name: str = "train") -> str:
-    """The run directory's name (``conf/hydra/default.yaml``): a timestamp, or under SLURM
-    ``slurm-<job id>`` so that a requeued job finds its run again. A second run started in the same
-    job (not a restart) gets ``slurm-<job id>_<timestamp>`` instead of the first run's directory."""
+    """The run directory's name (``conf/hydra/default.yaml``): a timestamp, or ``slurm-<job id>`` under SLURM.
+
+    Under SLURM a requeued job finds its run again by that name. A second run started in the
+    same job (not a restart) gets ``slurm-<job id>_<timestamp>`` instead of the first run's
+    directory.
+
+    Args:
+        task_name: the entry point (``train``, ``evaluate``, ...): runs live in
+            ``outputs/<task_name>/``.
+    """
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     job = slurm_job_id()
     if job is None:
@@ -76,7 +83,17 @@ def _key(override: str) -> str:
 
 
 def resume_args(args: list[str]) -> list[str]:
-    """The command line with ``resume=<run dir>`` expanded (see the module docstring)."""
+    """The command line with ``resume=<run dir>`` expanded, for Hydra to compose.
+
+    The run's own overrides come first, then the user's, then ``hydra.run.dir=<run dir>``
+    (see :mod:`fne_lightning.utils.resume`).
+
+    Args:
+        args: the command-line overrides.
+
+    Raises:
+        FNEError: the directory holds no ``checkpoints/last.ckpt``, or ``ckpt_path`` is given too.
+    """
     given = [a.split("=", 1)[1] for a in args if _key(a) == "resume" and "=" in a]
     if not given or given[-1] in ("null", "None", ""):
         return args
@@ -96,8 +113,20 @@ def resume_args(args: list[str]) -> list[str]:
 
 
 def plan_resume(cfg: Any) -> tuple[Path | None, str | None]:
-    """(checkpoint to resume from, why) for this run: ``ckpt_path``, ``resume``, or a requeued SLURM
-    job's own ``last.ckpt``; (None, None) for a fresh run."""
+    """The checkpoint this run starts from, if any.
+
+    ``resume``, ``ckpt_path``, or a requeued SLURM job's own ``last.ckpt``.
+
+    Args:
+        cfg: the composed run config.
+
+    Returns:
+        ``(checkpoint, why)``: the file and a line to log (None for ``ckpt_path``), or
+        ``(None, None)`` for a fresh run.
+
+    Raises:
+        FNEError: ``resume`` names another directory than this run's.
+    """
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("resume"):
         run_dir = Path(os.path.expanduser(str(cfg.resume)))
@@ -113,12 +142,21 @@ def plan_resume(cfg: Any) -> tuple[Path | None, str | None]:
 
 
 def same_run(cfg: Any, ckpt: Path | None) -> bool:
-    """The run continues in the directory its checkpoint belongs to."""
+    """Whether the run continues in the directory its checkpoint belongs to.
+
+    Args:
+        cfg: the composed run config.
+        ckpt: the checkpoint the run starts from, or None.
+    """
     return ckpt is not None and ckpt.resolve() == (Path(cfg.paths.output_dir) / LAST).resolve()
 
 
 def wandb_run_id(run_dir: Path) -> str | None:
-    """The id of the W&B run logged into ``run_dir`` (from ``wandb/latest-run``), if any."""
+    """The id of the W&B run logged into ``run_dir`` (from ``wandb/latest-run``), if any.
+
+    Args:
+        run_dir: a run directory.
+    """
     latest = run_dir / "wandb" / "latest-run"
     if not latest.exists():
         return None
@@ -127,9 +165,18 @@ def wandb_run_id(run_dir: Path) -> str | None:
 
 
 def read_csv_rows(path: Path, before_step: int) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows of a Lightning ``metrics.csv`` logged before ``before_step`` (the steps a
-    resumed run repeats are dropped). Lightning's CSV writer deletes an existing file when it
-    starts, so a resumed run reads it first and :func:`restore_csv_rows` puts these back."""
+    """Header and rows of a Lightning ``metrics.csv`` logged before ``before_step``.
+
+    The steps a resumed run repeats are dropped. Lightning's CSV writer deletes an existing file
+    when it starts, so a resumed run reads it first and :func:`restore_csv_rows` puts these back.
+
+    Args:
+        path: the ``metrics.csv`` file.
+        before_step: the global step the run resumes at.
+
+    Returns:
+        ``(header, rows)``; empty when there is no file.
+    """
     if not path.is_file():
         return [], []
     with path.open(newline="") as f:
@@ -139,8 +186,15 @@ def read_csv_rows(path: Path, before_step: int) -> tuple[list[str], list[dict[st
 
 
 def restore_csv_rows(logger: Any, header: list[str], rows: list[dict[str, str]]) -> None:
-    """Write the rows kept by :func:`read_csv_rows` back into ``logger``'s (a CSVLogger) file,
-    before it logs anything, and tell its writer the columns so it appends to them."""
+    """Write the rows kept by :func:`read_csv_rows` back into a CSVLogger's file, before it logs anything.
+
+    Its writer is told the columns, so it appends to them.
+
+    Args:
+        logger: the run's ``CSVLogger``.
+        header: the columns read.
+        rows: the rows read.
+    """
     if not header:
         return
     writer = logger.experiment  # creating the writer deletes the old file
@@ -152,7 +206,10 @@ def restore_csv_rows(logger: Any, header: list[str], rows: list[dict[str, str]])
 
 
 def slurm_plugins() -> list[Any]:
-    """``[SLURMEnvironment(auto_requeue=False)]`` under SLURM (see the module docstring), else []."""
+    """The trainer's plugins: ``[SLURMEnvironment(auto_requeue=False)]`` under SLURM, else ``[]``.
+
+    Why not Lightning's auto-requeue: see :mod:`fne_lightning.utils.resume`.
+    """
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
