@@ -124,7 +124,8 @@ def convert(karpathy: Path, coco_captions: Sequence[Path], image_to_caption: Pat
     return {str(k): sorted(v) for k, v in sorted(positives.items())}, stats
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fne_lightning.convert_positives`` / ``fne-convert-positives``."""
     parser = argparse.ArgumentParser(prog="python -m fne_lightning.convert_positives", description=__doc__.split("\n")[0])
     parser.add_argument("--karpathy", type=Path, required=True, help="Karpathy's dataset_coco.json")
     parser.add_argument("--coco-captions", type=Path, action="append", required=True,
@@ -132,9 +133,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-to-caption", type=Path, help='{"<COCO image id>": [COCO caption ids]}')
     parser.add_argument("--caption-to-image", type=Path, help='{"<COCO caption id>": [COCO image ids]}')
     parser.add_argument("--out", type=Path, required=True, help="e.g. dataset_coco.positives.json beside the JSON")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; exits with argparse's usage error on a bad one (as ``main`` does)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.image_to_caption is None and args.caption_to_image is None:
         parser.error("give --image-to-caption and/or --caption-to-image")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: ``python -m fne_lightning.convert_positives`` / ``fne-convert-positives``."""
+    args = parse_args(argv)
     with report_user_errors():
         positives, stats = convert(args.karpathy, args.coco_captions, args.image_to_caption, args.caption_to_image)
         write_json(args.out, positives)
