@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test docs docs-reference lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,12 +22,21 @@ train: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q $(ARGS)
 
+# The documentation site into docs/_build/html; every warning (a broken link or anchor, a bad
+# docstring) fails the build.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+# Regenerate docs/reference/configuration.md from conf/ (a test fails when it is out of date).
+docs-reference: $(STAMP)
+	$(PY) docs/tools/config_reference.py
+
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks docs
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_fne.py
 	$(PY) benchmarks/bench_eval.py
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache docs/_build
