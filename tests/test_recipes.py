@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra.utils import instantiate
 
-from fne_lightning.losses import FNELoss, VSELoss
+from fne_lightning.losses import FNELoss, InfoNCELoss, SigLIPLoss, VSELoss
 from fne_lightning.module import RetrievalModule
 from fne_lightning.train import normalize_experiment_args
 from fne_lightning.utils.config import config_dir
@@ -18,7 +19,12 @@ from test_train import run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 LOSSES = {"fne": ["loss=fne"], "vsepp": ["loss=vsepp"], "vse0": ["loss=vse0"],
-          "fne_hardest": ["loss=fne", "loss.selection=hardest"]}
+          "fne_hardest": ["loss=fne", "loss.selection=hardest"], "fne_online_queue": ["loss=fne",
+          "loss.queue_features=online"], "infonce": ["loss=infonce"], "infonce_queue_fne": ["loss=infonce",
+          "loss.memory_size=256", "loss.false_negatives=fne"], "infonce_distill": ["loss=infonce",
+          "loss.false_negatives=distill"], "siglip": ["loss=siglip"]}
+# Which losses build momentum encoders: a queue of momentum features, or distillation.
+MOMENTUM = {"fne", "fne_hardest", "infonce_queue_fne", "infonce_distill"}
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +41,21 @@ def test_every_loss_builds_on_every_experiment(experiment: str, loss: str, tiny_
     assert cfg.callbacks.model_checkpoint.monitor == "val/rsum"
     instantiate(cfg.data, shuffle_seed=0)
     loss_module = instantiate(cfg.loss, embed_dim=tiny_encoder.embed_dim)
-    assert isinstance(loss_module, FNELoss if loss.startswith("fne") else VSELoss)
+    kind = {"fne": FNELoss, "infonce": InfoNCELoss, "siglip": SigLIPLoss}.get(loss.split("_")[0], VSELoss)
+    assert isinstance(loss_module, kind)
     if loss == "fne_hardest":
         assert loss_module.selection == "hardest"
     module = RetrievalModule(tiny_encoder, loss_module, instantiate(cfg.optim.optimizer),
-                             instantiate(cfg.optim.scheduler), seed=int(cfg.seed))
-    module.configure_optimizers()
-    assert (module.momentum_encoder is not None) == loss.startswith("fne")
+                             instantiate(cfg.optim.scheduler), seed=int(cfg.seed),
+                             scheduler_interval=cfg.optim.get("interval", "epoch"),
+                             decay_1d=cfg.optim.get("decay_1d", False))
+    # A schedule stepped per optimizer step is given the run's length: a trainer that knows it.
+    module.trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in loss_module.parameters() if p.requires_grad} <= trained  # a loss's own temperature
+    assert (module.momentum_encoder is not None) == (loss in MOMENTUM)
 
 
 def test_recipes_set_what_they_promise(tmp_path: Path) -> None:
@@ -55,6 +69,10 @@ def test_recipes_set_what_they_promise(tmp_path: Path) -> None:
     synthetic = compose_config(["experiment=synthetic"], tmp_path)
     assert (synthetic.loss.memory_size, synthetic.momentum) == (1024, 0.9)  # loss/tuning/synthetic_fne
     assert compose_config(["experiment=synthetic", "loss=vsepp"], tmp_path).loss.warmup_epochs == 10
+    clip = compose_config(["experiment=f30k_clip"], tmp_path)  # CLIP_ITM's recipe
+    assert clip.loss._target_.endswith("InfoNCELoss") and clip.model.pretrained == "openai"
+    assert (clip.optim.optimizer.lr, clip.optim.optimizer.weight_decay, clip.optim.scheduler.warmup_steps,
+            clip.optim.interval, clip.data.batch_size, clip.trainer.max_epochs) == (1e-5, 0.2, 500, "step", 256, 5)
     plain = compose_config(["experiment=none"], tmp_path)
     assert (plain.loss.memory_size, plain.optim.optimizer.lr, plain.trainer.max_epochs) == (8224, 2e-5, 25)
 

@@ -11,6 +11,7 @@ the bank right after the loss, so the next step sees them.
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +46,8 @@ class RetrievalModule(L.LightningModule):
 
     def __init__(self, encoder: DualEncoder, loss: RetrievalLoss, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, config: dict | None = None, seed: int = 0,
-                 momentum: float = 0.995, nonfinite: str = "stop", lazy_momentum: bool = True) -> None:
+                 momentum: float = 0.995, nonfinite: str = "stop", lazy_momentum: bool = True,
+                 scheduler_interval: str = "epoch", decay_1d: bool = False) -> None:
         """Wire the encoder, its momentum copy (when the loss needs one), the loss and the metrics.
 
         Args:
@@ -53,7 +55,8 @@ class RetrievalModule(L.LightningModule):
             loss: a :class:`~fne_lightning.losses.base.RetrievalLoss` (the contract is written
                 there).
             optimizer: partial optimizer, finished with the encoder's trainable parameters.
-            scheduler: partial LR scheduler (stepped per epoch) or None.
+            scheduler: partial LR scheduler or None. A factory with a ``total_steps`` argument is
+                given the run's optimizer steps (``trainer.estimated_stepping_batches``).
             config: the resolved run config, stored in checkpoints and sent to the loggers.
             seed: base seed of the loss's random generator (rank r uses seed + r).
             momentum: EMA momentum m of the momentum encoders (config key ``momentum``), built
@@ -67,6 +70,11 @@ class RetrievalModule(L.LightningModule):
                 the loss will never read
                 (:meth:`~fne_lightning.losses.base.RetrievalLoss.momentum_horizon`; the EMA still
                 runs every step, so the result is the same: tested). False: always run it.
+            scheduler_interval: ``epoch`` (step the scheduler after every epoch) or ``step``
+                (after every optimizer step; config key ``optim.interval``).
+            decay_1d: whether weight decay also applies to biases, norms' gains and the logit
+                scale and bias (config key ``optim.decay_1d``; open_clip and timm exempt them,
+                some published recipes decay every parameter).
 
         Raises:
             FNEError: a loss that is not a ``RetrievalLoss``, or a bad ``nonfinite`` or
@@ -77,8 +85,13 @@ class RetrievalModule(L.LightningModule):
               type(loss).__name__)
         check(nonfinite in ("stop", "skip"), "nonfinite", "stop or skip", nonfinite)
         check(0.0 <= momentum <= 1.0, "momentum", "a value in [0, 1]", momentum)
+        check(scheduler_interval in ("epoch", "step"), "optim.interval", "epoch or step", scheduler_interval)
+        check(isinstance(decay_1d, bool), "optim.decay_1d", "true or false", decay_1d)
+        self.scheduler_interval, self.decay_1d = scheduler_interval, decay_1d
         self.nonfinite = nonfinite
         self.skipped_batches = 0
+        #: The logged names of the loss's diagnostics in the last training epoch (``fne/...``).
+        self.last_epoch_keys: set[str] = set()
         self._epoch_started = -1  # the epoch whose start the loss was last told of
         # This epoch's running sums and step counts of the loss's diagnostics (_log_diagnostics).
         self._diagnostic_sums: dict[str, Tensor] = {}
@@ -87,6 +100,7 @@ class RetrievalModule(L.LightningModule):
         self.save_hyperparameters(config or {})
         self.encoder = encoder
         self.loss = loss
+        loss.bind(encoder)  # before the momentum copy: a loss may switch on a parameter of the model
         self.momentum = momentum
         self.lazy_momentum = lazy_momentum
         self.momentum_encoder = momentum_copy(encoder) if loss.requires_momentum else None
@@ -167,14 +181,42 @@ class RetrievalModule(L.LightningModule):
         self._epoch_started = state.get("stats_epoch", -1)
         self.skipped_batches = state.get("skipped_batches", 0)
 
+    def trainable_parameter_groups(self, weight_decay: bool = True) -> list[dict[str, Any]]:
+        """The parameter groups the optimizer trains.
+
+        The online towers' parameters and the loss's own (a temperature), each once (a loss may
+        share the model's ``logit_scale``); not the momentum copy nor the loss's buffers.
+
+        Args:
+            weight_decay: whether the optimizer decays weights. If so, as open_clip and timm do,
+                biases, norms' gains, other 1-d parameters and the logit scale and bias form a
+                second group with ``weight_decay=0``; if not, every parameter is in one group.
+
+        Returns:
+            One or two ``{"params": [...]}`` groups, none of them empty.
+        """
+        seen: set[int] = set()
+        decay, no_decay = [], []
+        for name, param in [*self.encoder.named_parameters(), *self.loss.named_parameters()]:
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            exempt = weight_decay and not self.decay_1d and (param.ndim < 2 or "logit_" in name)
+            (no_decay if exempt else decay).append(param)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self) -> Any:
-        # Only the online towers: the momentum copy and the loss's buffers are not trained.
-        params = [p for p in self.encoder.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=params)
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        groups = self.trainable_parameter_groups(weight_decay=bool(keywords.get("weight_decay", 0.0)))
+        optimizer = self.optimizer_factory(params=groups)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        extra = {}
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+            extra["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, **extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
     # ---------------------------------------------------------------- training
     def in_warmup(self) -> bool:
@@ -196,11 +238,15 @@ class RetrievalModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._check_positives_listed()
         means = {k: total / self._diagnostic_counts[k] for k, total in self._diagnostic_sums.items()}
+        # The keys of this epoch: a warm-up epoch's diagnostics (VSE's sampled_fn_rate, say) stay in
+        # Lightning's callback_metrics after the loss stops reporting them, and must not be read as
+        # the last epoch's (train.py's metrics.json).
+        self.last_epoch_keys = {_key(k) for k in means}
         if means:
-            self.log_dict({f"fne/{k}_epoch": v for k, v in means.items()}, on_step=False, on_epoch=True)
+            self.log_dict({f"{_key(k)}_epoch": v for k, v in means.items()}, on_step=False, on_epoch=True)
             # As self.log(on_step=True, on_epoch=True) leaves them for monitors (ModelCheckpoint,
             # EarlyStopping, optimized_metric=fne/...): the plain keys hold the epoch's means.
-            self.log_dict({f"fne/{k}": v for k, v in means.items()}, on_step=False, on_epoch=True, logger=False)
+            self.log_dict({_key(k): v for k, v in means.items()}, on_step=False, on_epoch=True, logger=False)
 
     def _check_positives_listed(self) -> None:
         """Warn (once a run) when the training positives name none of the epoch's image ids or none
@@ -240,7 +286,7 @@ class RetrievalModule(L.LightningModule):
         if pending is not None and (getattr(trainer._logger_connector, "should_update_logs", True)
                                     or trainer.fast_dev_run):
             diagnostics, batch_size = pending
-            self.log_dict({f"fne/{k}_step": v for k, v in diagnostics.items()}, on_step=True, on_epoch=False,
+            self.log_dict({f"{_key(k)}_step": v for k, v in diagnostics.items()}, on_step=True, on_epoch=False,
                           batch_size=batch_size)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
@@ -258,6 +304,7 @@ class RetrievalModule(L.LightningModule):
         # poison them. One host sync per step (two with the loss check below).
         if not self._finite([image_features, text_features, *momentum.values()], "features"):
             return None
+        self.loss.set_progress(self._progress())
         loss, diagnostics = self.loss(image_features, text_features, image_ids, text_ids,
                                       warmup=self.in_warmup(), **momentum)
         if not self._finite([loss], "loss"):
@@ -271,6 +318,15 @@ class RetrievalModule(L.LightningModule):
         self._log_diagnostics(diagnostics, batch_size)
         # The features go to callbacks (RetrievalFigures' reservoir) through on_train_batch_end.
         return {"loss": loss, "image_features": image_features.detach(), "text_features": text_features.detach()}
+
+    def _progress(self) -> float:
+        """Training progress in epochs before this step: the epoch plus the share of its batches
+        already trained (the loop's count, which a mid-epoch resume restores)."""
+        per_epoch = self.trainer.num_training_batches
+        if per_epoch == float("inf") or not per_epoch:
+            return float(self.current_epoch)
+        position = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return self.current_epoch + position / per_epoch
 
     def _momentum_needed(self, batch_size: int) -> bool:
         """Whether this step's momentum features can still be read by the loss.
@@ -368,6 +424,12 @@ class RetrievalModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_metric, "test")
+
+
+def _key(name: str) -> str:
+    """The logged key of a loss diagnostic: ``fne/<name>``, or the name itself when it holds a
+    ``/`` (``train/logit_scale``)."""
+    return name if "/" in name else f"fne/{name}"
 
 
 def _as_tuples(value: Any) -> Any:

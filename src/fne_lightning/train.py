@@ -113,6 +113,8 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
         seed=int(cfg.seed),
         momentum=float(cfg.momentum),
         nonfinite=cfg.get("nonfinite", "stop"),
+        scheduler_interval=optim.get("interval", "epoch"),
+        decay_1d=optim.get("decay_1d", False),
     )
     return module, datamodule
 
@@ -247,10 +249,14 @@ def _fit_and_test(cfg: DictConfig, module: Any, datamodule: Any, loggers: list[A
         # 143 = 128 + SIGTERM, as a shell reports a terminated job; 0 once requeued; 3 if requeue failed.
         raise SystemExit(143 if requeued is None else 0 if requeued[1] else 3) from None
     metrics: dict[str, float] = {}
-    # Last epoch's averages of the training diagnostics (logged per step as fne/<name>).
+    # Last epoch's averages of the training diagnostics (logged per step as fne/<name>), only those
+    # the loss reported in that epoch (Lightning keeps a warm-up epoch's keys after they stop).
+    last = module.last_epoch_keys
     for key, value in trainer.callback_metrics.items():
-        if key.startswith(("fne/", "train/")) and key.endswith("_epoch"):
-            metrics[key.removesuffix("_epoch")] = float(value)
+        name = key.removesuffix("_epoch")
+        if key.startswith(("fne/", "train/")) and key.endswith("_epoch") and (
+                not last or name in last or not name.startswith("fne/")):
+            metrics[name] = float(value)
     metrics["train/skipped_batches"] = float(module.skipped_batches)  # nonfinite=skip
     ckpt = trainer.checkpoint_callback
     best_path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""

@@ -6,17 +6,29 @@ between the two, and nothing else:
 
 * an experiment may set ``loss.warmup_epochs`` and ``loss.warmup_loss`` for any loss (a recipe's
   warm-up phase): the base class takes both;
+* when the module is built it calls :meth:`bind` with the online encoder, so that a loss can use
+  a parameter of the model (InfoNCE trains the open_clip model's own ``logit_scale``, which then
+  exports with it); then it reads ``requires_momentum`` (a class attribute, or set per instance
+  in ``__init__``) to decide whether to build momentum encoders;
+* a loss may own trainable parameters (a temperature, a bias): the module's optimizer takes every
+  parameter of the loss that requires a gradient, besides the encoder's, and they are
+  checkpointed with the module;
 * the module gives every training step the online features (B, D) of the batch's images and
   captions, their image ids and caption ids, ``warmup`` (``current_epoch < warmup_epochs``),
-  and, when the class sets ``requires_momentum``, the momentum encoders' features of the same
-  batch (the module owns those encoders and their EMA);
+  and, when ``requires_momentum``, the momentum encoders' features of the same batch (the module
+  owns those encoders and their EMA); before the step it calls :meth:`set_progress` with the
+  training progress in epochs (restored exactly on resume, so a schedule that depends on it, such
+  as a ramp, resumes exactly);
 * before training it hands the loss a per-rank random generator (:meth:`set_generator`) and the
-  training split's truly matching pairs (``positives``, for false-negative diagnostics);
+  training split's truly matching pairs (``positives``, for false-negative diagnostics and
+  oracles), then calls :meth:`check_setup`, where a loss refuses what it cannot train with (an
+  oracle on data without positives) as one error line;
 * at the start of every new training epoch (not at a mid-epoch resume) it calls
   :meth:`on_train_epoch_start`;
 * the loss returns ``(loss, diagnostics)``: a scalar, and detached scalars that the module logs
-  as ``fne/<name>``. Its state (memory bank, statistics) lives in buffers and submodules, so it is
-  checkpointed, moved to the device and restored with the module;
+  as ``fne/<name>``, or under the name itself when it holds a ``/`` (``train/logit_scale``). Its
+  state (memory bank, statistics) lives in buffers and submodules, so it is checkpointed, moved
+  to the device and restored with the module;
 * for the similarity figure a loss with fitted Gaussians describes them (:meth:`posterior_view`).
 
 Every loss is built as ``instantiate(cfg.loss, embed_dim=D)``: its ``__init__`` takes
@@ -25,7 +37,7 @@ Every loss is built as ``instantiate(cfg.loss, embed_dim=D)``: its ``__init__`` 
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -72,8 +84,9 @@ class RetrievalLoss(nn.Module):
     """
 
     #: The module builds momentum (EMA) encoders and passes ``momentum_image_features`` /
-    #: ``momentum_text_features`` (B, D) to ``forward``.
-    requires_momentum: ClassVar[bool] = False
+    #: ``momentum_text_features`` (B, D) to ``forward``. A class attribute, or set per instance in
+    #: ``__init__`` when it depends on the settings (a queue of momentum features, distillation).
+    requires_momentum: bool = False
 
     def __init__(self, warmup_epochs: int = 0, warmup_loss: str = "vse0") -> None:
         """Check and keep the warm-up settings that every loss accepts.
@@ -98,6 +111,36 @@ class RetrievalLoss(nn.Module):
         # Truly matching (image, caption) pairs of the training split, when the data declares them.
         self.positives = PositiveIndex()
         self.generator: torch.Generator | None = None
+        #: Training progress in epochs (``epoch + batches done / batches per epoch``), from
+        #: :meth:`set_progress`; 0 before training.
+        self.progress = 0.0
+
+    def bind(self, encoder: nn.Module) -> None:
+        """Hook: the module was built around ``encoder`` (the online dual encoder).
+
+        A loss that trains a parameter of the model takes it here (InfoNCE and SigLIP use the
+        open_clip model's ``logit_scale``/``logit_bias`` when it has them). The default does
+        nothing.
+
+        Args:
+            encoder: the :class:`~fne_lightning.models.encoders.DualEncoder`; its open_clip model is
+                ``encoder.model``.
+        """
+
+    def check_setup(self) -> None:
+        """Hook: before training, once :attr:`positives` and the generator are set.
+
+        Raise :class:`~fne_lightning.errors.FNEError` naming the key for what the loss cannot train
+        with (an oracle on data that declares no positives). The default accepts everything.
+        """
+
+    def set_progress(self, epochs: float) -> None:
+        """Take the training progress before a step (a ramp or schedule inside the loss reads it).
+
+        Args:
+            epochs: ``current_epoch + batches trained in it / batches per epoch``.
+        """
+        self.progress = epochs
 
     def set_generator(self, generator: torch.Generator) -> None:
         """Take the generator to draw random choices from (e.g. the negatives FNE samples).

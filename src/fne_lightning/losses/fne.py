@@ -19,15 +19,15 @@ from fne_lightning.errors import check
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.diagnostics import binned_auc
 from fne_lightning.fne.negatives import posterior_coefficients, posterior_log_odds, select_negatives
-from fne_lightning.fne.stats import VAR_FLOOR, Gaussians, SimilarityStats
+from fne_lightning.fne.prior import PRIORS, candidate_mixture_sums, mixture_gaussians, mixture_step
+from fne_lightning.fne.stats import Gaussians, SimilarityStats
 from fne_lightning.losses.base import PosteriorView
 from fne_lightning.losses.vse import TripletLoss, batch_candidates, fn_rate, triplet_hinge
 from fne_lightning.utils.distributed import all_reduce_sum, gather_no_grad, gather_with_local_grad, world_size
 
-PRIORS = ("fixed", "estimated")
-# Bounds of the estimated prior: above 0.5 matches would outnumber non-matches among the
-# negatives; below 1e-6 the estimate could never recover in float32 sigmoid arithmetic.
-PRIOR_BOUNDS = (1e-6, 0.5)
+# What the memory bank holds: the momentum encoders' features (MoCo, the paper) or the detached
+# online ones (XBM), which needs no momentum encoder.
+QUEUE_FEATURES = ("momentum", "online")
 
 
 def candidate_rows(batch_candidates: Tensor, bank_candidates: Tensor, index: Tensor) -> Tensor:
@@ -65,7 +65,8 @@ class FNELoss(TripletLoss):
                  cutdown: float | None = 0.2, weighting: str = "reference", posterior: bool = True,
                  selection: str = "sample", warmup_epochs: int = 1, warmup_loss: str = "vsepp",
                  reset_stats_every_epoch: bool = True, gather_batch: bool = False, prior: str = "fixed",
-                 exclude: float | None = None, online_batch: bool = False) -> None:
+                 exclude: float | None = None, online_batch: bool = False, oracle: bool = False,
+                 queue_features: str = "momentum") -> None:
         """Check the settings (config keys ``loss.<name>``) and create the bank and statistics.
 
         The defaults are the published ones; ``prior``, ``exclude`` and ``online_batch`` go
@@ -113,11 +114,21 @@ class FNELoss(TripletLoss):
                 to the negative as well as to the anchor, as in VSE++) and the positive score is
                 the online pair's; bank candidates stay momentum features (gradient to the anchor
                 only).
+            oracle: benchmarks only: a candidate that truly matches its anchor (the data's declared
+                positives) is never chosen, in the warm-up nor after: the bound of what any
+                false-negative rule could gain for this selection. Needs data with positives.
+            queue_features: ``momentum`` (published: the bank holds the momentum encoders'
+                features) or ``online``: the bank holds the detached online features (XBM, Wang et
+                al., CVPR 2020), the in-batch candidates are the online features (as
+                ``online_batch``) and no momentum encoder is built or stepped.
 
         Raises:
             FNEError: a value out of range, naming its ``loss.<name>`` key.
         """
-        super().__init__(margin, warmup_epochs, warmup_loss, gather_batch)
+        super().__init__(margin, warmup_epochs, warmup_loss, gather_batch, oracle)
+        check(queue_features in QUEUE_FEATURES, "loss.queue_features", " or ".join(QUEUE_FEATURES), queue_features)
+        self.queue_features = queue_features
+        self.requires_momentum = queue_features == "momentum"
         check(memory_size >= 0, "loss.memory_size", "an integer >= 0", memory_size)
         check(tau > 0, "loss.tau", "a value > 0", tau)
         check(0.0 < match_prior < 1.0, "loss.match_prior", "a value in (0, 1)", match_prior)
@@ -211,6 +222,8 @@ class FNELoss(TripletLoss):
             with torch.no_grad():
                 same = image_ids[:, None] == image_ids[None, :]  # (B, B)
                 self.stats.update(v.detach() @ t.detach().T, same)
+            if self.queue_features == "online":  # the bank takes the online features themselves
+                momentum_image_features, momentum_text_features = v, t
             skipped = momentum_image_features is None or momentum_text_features is None
             if not skipped:
                 mv, mt = momentum_image_features.float().detach(), momentum_text_features.float().detach()
@@ -236,7 +249,7 @@ class FNELoss(TripletLoss):
              text_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         batch_mv, batch_mt, batch_img_ids, batch_txt_ids = batch_candidates(mv, mt, image_ids, text_ids,
                                                                             self.gather_batch)
-        if self.online_batch:  # the same rows, as online features with this rank's gradient
+        if self.online_batch or self.queue_features == "online":  # the same rows, as online features with this rank's gradient
             gather = gather_with_local_grad if self.gather_batch else (lambda x: x)
             batch_mv, batch_mt = gather(v), gather(t)
             i2t_pos = t2i_pos = (v * t).sum(-1)
@@ -254,46 +267,36 @@ class FNELoss(TripletLoss):
             prior = self.prior_estimate.float() if self.prior == "estimated" else self.match_prior
             # Shared by both directions: the posterior's coefficients and the count of candidates.
             coefficients = posterior_coefficients(*gaussians[:4], prior, v.device) if self.selection == "sample" else None
-            n_valid = torch.count_nonzero(valid).clamp(min=1)
             truth_i2t = truth_t2i = None
             if self.positives.available:  # which candidates truly match their anchor: (B, Bc + K) each
                 truth_i2t = self.positives.contains(image_ids[:, None], cand_text_ids[None, :])
                 truth_t2i = self.positives.contains(cand_image_ids[None, :], text_ids[:, None])
-        i2t = self._direction(v, i2t_pos, batch_mt, bank.text_features, valid, gaussians, prior, truth_i2t,
-                              coefficients, n_valid)
-        t2i = self._direction(t, t2i_pos, batch_mv, bank.image_features, valid, gaussians, prior, truth_t2i,
-                              coefficients, n_valid)
+            valid_i2t = valid_t2i = valid
+            if self.oracle and truth_i2t is not None and truth_t2i is not None:  # never a true match
+                valid_i2t, valid_t2i = valid & ~truth_i2t, valid & ~truth_t2i
+            n_i2t = torch.count_nonzero(valid_i2t).clamp(min=1)
+            n_t2i = n_i2t if valid_t2i is valid_i2t else torch.count_nonzero(valid_t2i).clamp(min=1)
+        i2t = self._direction(v, i2t_pos, batch_mt, bank.text_features, valid_i2t, gaussians, prior, truth_i2t,
+                              coefficients, n_i2t)
+        t2i = self._direction(t, t2i_pos, batch_mv, bank.image_features, valid_t2i, gaussians, prior, truth_t2i,
+                              coefficients, n_t2i)
         diagnostics = {k: (i2t.diagnostics[k] + t2i.diagnostics[k]) / 2 for k in i2t.diagnostics}
         if self.prior == "estimated" and self.selection == "sample":
-            both = 2.0 * torch.count_nonzero(valid).double()
+            both = (torch.count_nonzero(valid_i2t) + torch.count_nonzero(valid_t2i)).double()
             self._mixture_step(torch.cat([both[None], i2t.mixture_sums + t2i.mixture_sums]), gaussians.ready)
         return i2t.loss + t2i.loss, diagnostics
 
     def _gaussians(self) -> Gaussians:
         """The posterior's Gaussians: the published fit, or with prior=estimated (once fitted) the
         mixture's components."""
-        g = self.stats.snapshot()
-        if self.prior != "estimated":
-            return g
-        fitted = self.mixture[3] > 0
-        mixture = torch.where(fitted, self.mixture.float(), torch.stack(list(g[:4])))
-        return g._replace(pos_mean=mixture[0], pos_var=mixture[1], neg_mean=mixture[2], neg_var=mixture[3])
+        return mixture_gaussians(self.stats.snapshot(), self.mixture if self.prior == "estimated" else None)
 
     @torch.no_grad()
     def _mixture_step(self, sums: Tensor, ready: Tensor) -> None:
-        """One EM step of the candidates' mixture from this step's sums over all ranks: ``sums`` =
-        [count, sum r, sum r s, sum r s^2, sum (1-r), sum (1-r) s, sum (1-r) s^2] over the valid
-        candidates of both directions, r = p_fn (E-step). M-step: prior = mean r, each component's
-        mean and variance the r- or (1-r)-weighted moments. Only once the published Gaussians are
-        ready (they start the fit)."""
-        n, r, rs, rs2, w, ws, ws2 = all_reduce_sum(sums.double()).unbind()
-        prior = (r / n.clamp(min=1)).clamp(*PRIOR_BOUNDS)
-        pos_mean, neg_mean = rs / r.clamp(min=1e-12), ws / w.clamp(min=1e-12)
-        pos_var = (rs2 / r.clamp(min=1e-12) - pos_mean.square()).clamp(min=VAR_FLOOR)
-        neg_var = (ws2 / w.clamp(min=1e-12) - neg_mean.square()).clamp(min=VAR_FLOOR)
-        update = ready & (r > 0) & (w > 0)
-        self.prior_estimate.copy_(torch.where(update, prior, self.prior_estimate))
-        self.mixture.copy_(torch.where(update, torch.stack([pos_mean, pos_var, neg_mean, neg_var]), self.mixture))
+        """One EM step of the candidates' mixture (:func:`~fne_lightning.fne.prior.mixture_step`)."""
+        prior, mixture = mixture_step(all_reduce_sum(sums.double()), ready, self.prior_estimate, self.mixture)
+        self.prior_estimate.copy_(prior)
+        self.mixture.copy_(mixture)
 
     def _direction(self, anchors: Tensor, positive_scores: Tensor, batch_candidates: Tensor,
                    bank_candidates: Tensor, valid: Tensor, gaussians: Gaussians, prior: float | Tensor,
@@ -322,7 +325,7 @@ class FNELoss(TripletLoss):
             idx, has, hard_idx, hard_has, n_flagged, n_cut, flagged, p_fn = chosen
             mixture_sums = s.new_zeros(6, dtype=torch.float64)
             if self.prior == "estimated" and p_fn is not None:
-                mixture_sums = self._mixture_sums(s, p_fn, valid)
+                mixture_sums = candidate_mixture_sums(s, p_fn, valid)
         # Outside no_grad: with online_batch, an in-batch negative's row carries its gradient.
         negatives = candidate_rows(batch_candidates, bank_candidates, idx)  # (B, D)
         negative_scores = (anchors * negatives).sum(-1)  # (B,), gradient to the anchors (and online negatives)
@@ -342,24 +345,6 @@ class FNELoss(TripletLoss):
                 diagnostics.update(self._truth_diagnostics(s, valid, truth, idx, has, hard_idx, hard_has,
                                                            flagged, n_valid, coefficients))
         return _Direction(loss, diagnostics, mixture_sums)
-
-    @staticmethod
-    def _mixture_sums(s: Tensor, p_fn: Tensor, valid: Tensor) -> Tensor:
-        """[sum r, sum r s, sum r s^2, sum (1-r), sum (1-r) s, sum (1-r) s^2] over the valid
-        entries (r = p_fn), (6,) float64. The (1-r) sums are the valid entries' totals minus the r
-        sums, so no (1-r) buffer is formed. Each row is summed in float32 (pairwise, relative error
-        about 1e-7 at 65k columns) and the B row sums in float64: `sum(dtype=float64)` over
-        (B, N) converts every element and took 2.7x as long on a CPU."""
-        f64 = torch.float64
-
-        def total(x: Tensor) -> Tensor:
-            return x.sum(dim=1).to(f64).sum()
-
-        r = p_fn * valid  # (B, N), 0 off the valid entries
-        rs, vs = r * s, s * valid
-        r_sums = torch.stack([total(r), total(rs), total(rs.mul_(s))])
-        totals = torch.stack([torch.count_nonzero(valid).to(f64), total(vs), total(vs.mul_(s))])
-        return torch.cat([r_sums, totals - r_sums])
 
     @staticmethod
     def _truth_diagnostics(s: Tensor, valid: Tensor, truth: Tensor, idx: Tensor, has: Tensor, hard_idx: Tensor,

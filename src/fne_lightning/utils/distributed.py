@@ -66,6 +66,33 @@ def gather_with_local_grad(tensor: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def rank() -> int:
+    """This process's rank, 0 without an initialised process group."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from all ranks along dim 0, with the gradient flowing back to every rank.
+
+    The backward pass sums each rank's gradient for a row into the rank that owns it
+    (``torch.distributed.nn.functional.all_gather``, open_clip's ``gather_with_grad``). With a
+    loss that each rank computes over its local anchors against the gathered candidates, DDP's
+    gradient averaging then gives exactly the gradient of one process over the global batch
+    (the contrastive losses rely on it). Identity in a single process.
+
+    Args:
+        tensor: (n, ...) of the same shape on every rank.
+
+    Returns:
+        (world_size * n, ...).
+    """
+    if not is_distributed():
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
 @torch.no_grad()
 def any_rank(flag: Tensor) -> Tensor:
     """True on every rank if ``flag`` is True on any rank; identity in one process.

@@ -82,7 +82,10 @@ RUN_KEYS = (("val/rsum_best", "best val rsum", "number"),
             ("fne/flagged_rate", "candidates flagged as probable false negatives", "rate"),
             ("fne/flagged_precision", "flagged candidates that truly match", "rate"),
             ("fne/posterior_auc", "ROC AUC of p_fn (true matches vs negatives)", "auc"),
-            ("fne/cutdown_rate", "candidates cut down", "rate"))
+            ("fne/cutdown_rate", "candidates cut down", "rate"),
+            ("fne/fn_mass", "push on negatives that falls on true matches", "rate"),
+            ("train/logit_scale", "logit scale (1 / temperature)", "number"),
+            ("train/logit_bias", "logit bias", "number"))
 
 
 def print_summary(metrics: Mapping[str, float], files: Mapping[str, object] | None = None,
