@@ -1,8 +1,9 @@
-"""Real DDP on CPU (gloo, 2 processes): one consistent bank, exact statistics, exact metrics.
+"""Real DDP on CPU (gloo, 2 processes): one consistent bank, exact statistics, exact metrics, and
+InfoNCE's and SigLIP's losses and gradients equal to one process's over the global batch.
 
-No mocks: the component test runs ``torch.distributed`` with the gloo backend in two spawned
-processes; the Lightning tests use a real Trainer with ``ddp_spawn``; the last test launches
-the entry point with ``trainer=ddp`` exactly as a user would.
+No mocks: the component tests run ``torch.distributed`` with the gloo backend in two spawned
+processes; the Lightning tests use a real Trainer with ``ddp_spawn``; the entry-point test launches
+it with ``trainer=ddp`` exactly as a user would.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, open_dict
 
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.stats import SimilarityStats
-from fne_lightning.losses import FNELoss
+from fne_lightning.losses import FNELoss, InfoNCELoss, SigLIPLoss
 from fne_lightning.train import build
 
 from conftest import TINY_OVERRIDES, compose_config
@@ -131,16 +132,23 @@ def test_validation_metrics_with_two_processes_equal_one_process(cache_dir: Path
     assert results[0] == results[1]
 
 
-def test_entry_point_ddp_run_writes_metrics_once(cache_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("loss", "diagnostic"), [
+    ("fne", "fne/sampled_fn_rate"),
+    # After the tiny config's VSE warm-up epoch, which leaves the scale (and bias) unused: InfoNCE
+    # with its queue of momentum features (loss.memory_size=48), and SigLIP (no queue).
+    pytest.param("infonce", "train/logit_scale", marks=pytest.mark.slow),
+    pytest.param("siglip", "train/logit_bias", marks=pytest.mark.slow),
+])
+def test_entry_point_ddp_run_writes_metrics_once(loss: str, diagnostic: str, cache_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = [o for o in TINY_OVERRIDES if o != "~logger"]
-    proc = run_entry_point("train", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    overrides = [o for o in TINY_OVERRIDES if o != "~logger" and not (loss == "siglip" and "memory_size" in o)]
+    proc = run_entry_point("train", *overrides, f"loss={loss}", "trainer=ddp", "trainer.accelerator=cpu",
+                           "trainer.devices=2", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("metrics.json"))
     assert written == [Path("run/metrics.json")]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["test/rsum"] > 0 and "fne/sampled_fn_rate" in metrics
+    assert metrics["test/rsum"] > 0 and diagnostic in metrics
     assert proc.stdout.count("Image-to-text") == 1  # the table is printed by rank 0 only
 
 
@@ -156,3 +164,114 @@ def test_slurm_launcher_config_follows_the_trainer(tmp_path: Path) -> None:
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (8, 8, 2)
     assert cfg.trainer.strategy == "ddp"
+
+
+# ----------------------------------------------------------------------------------------------
+# InfoNCE and SigLIP: two processes give the loss and the gradients of one process over the
+# global batch (the candidates gathered with the gradient, each rank's loss over its own anchors).
+
+CONTRASTIVE = {  # name: (class, settings); the ids of CAPTION_IDS split images across the ranks
+    "infonce": (InfoNCELoss, {}),
+    "infonce_mask": (InfoNCELoss, {"same_image": "mask"}),
+    "infonce_queue": (InfoNCELoss, {"memory_size": K}),
+    "infonce_queue_distill": (InfoNCELoss, {"memory_size": K, "false_negatives": "distill"}),
+    "siglip": (SigLIPLoss, {}),
+}
+# Image 0 has three captions (two on rank 0, one on rank 1), image 1 one on each rank; image 2 one.
+CAPTION_IDS = torch.tensor([0, 1, 0, 0, 2, 1])
+PROGRESS = 0.5  # inside distillation's alpha ramp
+
+
+def contrastive_batch(step: int) -> dict[str, torch.Tensor]:
+    """The global batch of a step: the captions of one image share its (momentum) image feature."""
+    g = torch.Generator().manual_seed(100 + step)
+    n = WORLD * B
+    images = F.normalize(torch.randn(3, D, generator=g), dim=-1)
+    v = images[CAPTION_IDS]
+    t = F.normalize(v + 0.7 * torch.randn(n, D, generator=g), dim=-1)
+    mv = F.normalize(v + 0.1 * torch.randn(n, D, generator=g), dim=-1)
+    mt = F.normalize(t + 0.1 * torch.randn(n, D, generator=g), dim=-1)
+    return {"v": v, "t": t, "mv": mv, "mt": mt, "ids": CAPTION_IDS.clone(), "tids": torch.arange(n) + step * n}
+
+
+def contrastive_steps(loss: torch.nn.Module, rows: slice) -> list[dict[str, torch.Tensor]]:
+    """STEPS steps of ``loss`` on ``rows`` of each global batch (features requiring a gradient):
+    the loss, the features' and the scale's (and bias's) gradients, and the queue at the end."""
+    out = []
+    loss.set_progress(PROGRESS)
+    log_scale, bias = loss.scale_parameters()
+    for step in range(STEPS):
+        batch = {k: x[rows].clone() for k, x in contrastive_batch(step).items()}
+        v, t = batch["v"].requires_grad_(), batch["t"].requires_grad_()
+        log_scale.grad = None
+        if bias is not None:
+            bias.grad = None
+        value, _ = loss(v, t, batch["ids"], batch["tids"], batch["mv"], batch["mt"])
+        value.backward()
+        out.append({"loss": value.detach(), "v": v.grad, "t": t.grad, "scale": log_scale.grad.clone(),
+                    "bias": bias.grad.clone() if bias is not None else torch.zeros(())})
+    out.append({k: b.clone() for k, b in loss.state_dict().items() if k.startswith("bank.")})
+    return out
+
+
+def warmup_scale_gradients(loss: torch.nn.Module, rows: slice) -> list[torch.Tensor]:
+    """The scale's (and bias's) gradients after one warm-up step (in-batch VSE, which does not use them)."""
+    batch = {k: x[rows].clone() for k, x in contrastive_batch(0).items()}
+    params = [p for p in loss.scale_parameters() if p is not None]
+    for p in params:
+        p.grad = None
+    value, _ = loss(batch["v"].requires_grad_(), batch["t"].requires_grad_(), batch["ids"], batch["tids"],
+                    batch["mv"], batch["mt"], warmup=True)
+    value.backward()
+    return [p.grad for p in params]
+
+
+def _contrastive_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = {}
+    for name, (cls, settings) in CONTRASTIVE.items():
+        loss = cls(embed_dim=D, gather_batch=True, **settings)
+        results[name] = contrastive_steps(loss, slice(rank * B, (rank + 1) * B))
+        results[f"{name}_warmup"] = warmup_scale_gradients(loss, slice(rank * B, (rank + 1) * B))
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_contrastive_losses_and_gradients_with_two_processes_equal_one_process(tmp_path: Path) -> None:
+    """InfoNCE in-batch (image-id targets, or the other captions masked), InfoNCE with a queue of
+    momentum features (and with momentum distillation inside its ramp) and SigLIP, 2 gloo
+    processes against 1 over the same global batches, step after step as the queue fills: the
+    mean of the ranks' losses is the loss, each rank's feature gradients averaged as DDP averages
+    (divided by the world size) are the global batch's rows of the gradient, the mean of the
+    ranks' scale and bias gradients is the gradient, and every rank holds the one process's queue.
+    A warm-up step gives the unused scale and bias a zero gradient on every rank."""
+    mp.spawn(_contrastive_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    worst = 0.0
+    for name, (cls, settings) in CONTRASTIVE.items():
+        one = contrastive_steps(cls(embed_dim=D, gather_batch=True, **settings), slice(None))
+        for step in range(STEPS):
+            want, got = one[step], [r[name][step] for r in ranks]
+            pairs = [(torch.stack([g["loss"] for g in got]).mean(), want["loss"], "loss"),
+                     (torch.stack([g["scale"] for g in got]).mean(), want["scale"], "scale"),
+                     (torch.stack([g["bias"] for g in got]).mean(), want["bias"], "bias")]
+            for key in ("v", "t"):
+                pairs.append((torch.cat([g[key] for g in got]) / WORLD, want[key], key))
+            for a, b, what in pairs:
+                # fp32 sums in another order: equal up to rounding (SigLIP's loss sums 36 terms, ~20)
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name} step {step}: {what}")
+                worst = max(worst, float((a - b).abs().max()))
+            assert want["scale"].abs() > 0 and want["v"].abs().sum() > 0, name  # gradients that say something
+        for r in range(WORLD):
+            for key, value in one[-1].items():
+                assert torch.equal(ranks[r][name][-1][key], value), (name, r, key)
+        if settings.get("memory_size"):
+            assert int(one[-1]["bank.filled"]) == K  # the later steps scored against a queue
+        # The warm-up leaves the scale and bias unused: under DDP they still get a (zero) gradient, or
+        # DDP stops at the next step (a real Trainer: test_entry_point_ddp_run_writes_metrics_once).
+        for r in range(WORLD):
+            grads = ranks[r][f"{name}_warmup"]
+            assert len(grads) == (2 if cls is SigLIPLoss else 1)
+            assert all(g is not None and torch.equal(g, torch.zeros(())) for g in grads), (name, r, grads)
+    print(f"max abs difference, 2 processes vs 1: {worst:.2e}")

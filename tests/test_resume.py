@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fne_lightning.errors import FNEError
 from fne_lightning.utils.resume import resume_args, run_name, wandb_run_id
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, compose_config
 from helpers import offline_env, run_entry_point
 from test_reliability import last_state, run
 
@@ -234,4 +235,58 @@ def test_two_process_resume_after_sigterm_equals_the_straight_run(cache_dir: Pat
     want, got = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "straight", part))
     assert got.keys() == want.keys() and want["val/rsum_best"] > 0
     for key, value in want.items():  # the best validation score and the last epoch's diagnostics
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+# InfoNCE after the tiny config's VSE warm-up epoch (epoch 0), with its queue of 48 momentum features
+# (loss.memory_size=48); with ALBEF's distillation, alpha ramps up over epoch 1, the epoch of the stop.
+CONTRASTIVE = {"queue": ["loss=infonce"], "distill": ["loss=infonce", "loss.false_negatives=distill"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CONTRASTIVE))
+def test_contrastive_run_resumed_after_sigterm_ends_as_the_uninterrupted_one(case: str, cache_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """3 epochs straight against a real SIGTERM after step 13 (epoch 1, batch 3) and ``resume=``:
+    the same queue (features, ids, pointer), weights, momentum encoders and logit scale, the same
+    loss and (``distill``) the same alpha logged at every step, and the same metrics."""
+    cfg = compose_config([*TINY_OVERRIDES, *CONTRASTIVE[case]], cache_dir)
+    with open_dict(cfg):
+        cfg.logger = OmegaConf.create({"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger",
+                                               "save_dir": "${paths.output_dir}", "name": "csv", "version": ""}})
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run(cfg, whole, **{"trainer.max_epochs": EPOCHS})
+    with pytest.raises(SystemExit) as stop:
+        run(with_callback(cfg, "preempt", "test_reliability.Preempt", step=STOP), part,
+            **{"trainer.max_epochs": EPOCHS})
+    assert stop.value.code == 143 and last_state(part)["global_step"] == STOP + 1
+    run(cfg, part, **{"trainer.max_epochs": EPOCHS, "resume": str(part)})
+
+    a, b = last_state(whole), last_state(part)
+    assert a["global_step"] == b["global_step"] == EPOCHS * 10
+    for key, value in a["state_dict"].items():  # encoders (the logit scale too), momentum encoders, queue
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-6, atol=1e-7, msg=key)
+    for key in ("loss.bank.image_ids", "loss.bank.text_ids", "loss.bank.ptr", "loss.bank.filled"):
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert int(a["state_dict"]["loss.bank.filled"]) == 48
+    assert float(a["state_dict"]["encoder.model.logit_scale"]) != pytest.approx(math.log(1 / 0.07), abs=1e-6)
+
+    # Every step once in the resumed run's CSV file, with the straight run's loss (and alpha).
+    rows, want = csv_rows(part), csv_rows(whole)
+    columns = ["train/loss_step"] + (["fne/alpha_step"] if case == "distill" else [])
+    steps = lambda rs, col: {r["step"]: float(r[col]) for r in rs if r.get(col)}  # noqa: E731
+    for column in columns:
+        got, expected = steps(rows, column), steps(want, column)
+        # The loss at all 30 steps, alpha at the 20 after the warm-up epoch.
+        assert len(expected) == (30 if column == "train/loss_step" else 20) and got.keys() == expected.keys(), column
+        for step, value in expected.items():
+            assert got[step] == pytest.approx(value, abs=1e-6), (column, step)
+    if case == "distill":  # alpha rises from 0 over epoch 1 (steps 10-19), then stays at loss.alpha
+        alpha = [v for _, v in sorted(steps(want, "fne/alpha_step").items(), key=lambda kv: int(kv[0]))]
+        assert alpha[0] == 0 and all(x < y for x, y in zip(alpha[:9], alpha[1:10], strict=True))
+        assert alpha[10:] == pytest.approx([0.4] * 10)
+
+    got, expected = (json.loads((d / "metrics.json").read_text()) for d in (part, whole))
+    assert got.keys() == expected.keys() and expected["test/rsum"] > 0 and "train/logit_scale" in expected
+    for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key

@@ -34,6 +34,13 @@ def check(condition: bool, key: str, expected: str, value: Any) -> None:
         raise FNEError(f"{key}={value!r}: expected {expected}")
 
 
+def number(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool, not a string): guard a range check with it,
+    ``check(number(x) and x > 0, ...)``, so that ``loss.tau=high`` is one error line, not a
+    ``TypeError`` from the comparison."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @contextlib.contextmanager
 def report_user_errors(exit_code: int = 2) -> Iterator[None]:
     """Context manager: turn an :class:`FNEError` into one ``error: ...`` line on stderr and an exit.

@@ -143,6 +143,7 @@ class RetrievalModule(L.LightningModule):
             gen.set_state(state)
         self.generator = gen
         self.loss.set_generator(gen)
+        self.loss.check_setup()  # positives (setup) and generator are set: the loss may refuse them
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What the state_dict does not hold but an exact resume needs: the random streams

@@ -99,7 +99,8 @@ def negative_mass(push: Tensor, negative: Tensor, truth: Tensor) -> Tensor:
     """How much of a loss's push on negatives falls on true matches: ``[on true matches, on all]``.
 
     For InfoNCE the push on a negative is its softmax probability (the gradient of the loss with
-    respect to its logit); for the sigmoid loss, ``sigmoid(logit)``. The share
+    respect to its logit); for the sigmoid loss, ``sigmoid(logit)`` times the term's weight (the
+    gradient of that term). The share
     ``sums[0] / sums[1]`` over a step is the diagnostic ``fn_mass``.
 
     Args:

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fne_lightning.errors import check
+from fne_lightning.errors import check, number
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.contrastive import (
     distillation_targets,
@@ -107,16 +107,16 @@ class ContrastiveLoss(RetrievalLoss):
             FNEError: a value out of range, naming its ``loss.<name>`` key.
         """
         super().__init__(warmup_epochs, warmup_loss)
-        check(0.0 < temperature, "loss.temperature", "a value > 0", temperature)
-        check(max_logit_scale > 0.0, "loss.max_logit_scale", "a value > 0", max_logit_scale)
+        check(number(temperature) and temperature > 0.0, "loss.temperature", "a value > 0", temperature)
+        check(number(max_logit_scale) and max_logit_scale > 0.0, "loss.max_logit_scale", "a value > 0", max_logit_scale)
         check(false_negatives in FALSE_NEGATIVES, "loss.false_negatives", " | ".join(FALSE_NEGATIVES), false_negatives)
         check(oracle_action in ORACLE_ACTIONS, "loss.oracle_action", " or ".join(ORACLE_ACTIONS), oracle_action)
-        check(0.0 < match_prior < 1.0, "loss.match_prior", "a value in (0, 1)", match_prior)
+        check(number(match_prior) and 0.0 < match_prior < 1.0, "loss.match_prior", "a value in (0, 1)", match_prior)
         check(isinstance(min_pos_samples, int) and min_pos_samples >= 1, "loss.min_pos_samples", "an integer >= 1",
               min_pos_samples)
         check(prior in PRIORS, "loss.prior", " or ".join(PRIORS), prior)
-        check(exclude is None or 0.0 <= exclude < 1.0, "loss.exclude", "null or a value in [0, 1)", exclude)
-        check(cutdown is None or cutdown >= 0, "loss.cutdown", "null or a value >= 0", cutdown)
+        check(exclude is None or (number(exclude) and 0.0 <= exclude < 1.0), "loss.exclude", "null or a value in [0, 1)", exclude)
+        check(cutdown is None or (number(cutdown) and cutdown >= 0), "loss.cutdown", "null or a value >= 0", cutdown)
         for key, value in (("learn_scale", learn_scale), ("model_scale", model_scale),
                            ("gather_batch", gather_batch), ("reset_stats_every_epoch", reset_stats_every_epoch)):
             check(isinstance(value, bool), f"loss.{key}", "true or false", value)
@@ -179,7 +179,7 @@ class ContrastiveLoss(RetrievalLoss):
             return None
         return PosteriorView(tuple(float(g) for g in self._gaussians()[:4]), bool(self.stats.ready),
                              int(self.stats.pos_count), self.stats.min_pos_samples, float(self.prior_estimate),
-                             self.cutdown, 1.0 - (self.exclude if self.exclude is not None else 1.0 - FLAG_THRESHOLD))
+                             self.cutdown, 1.0 - (self.exclude if self.exclude is not None else FLAG_THRESHOLD))
 
     # ---------------------------------------------------------- shared pieces
     def _gaussians(self) -> Gaussians:
@@ -191,8 +191,16 @@ class ContrastiveLoss(RetrievalLoss):
                 self.stats.update(v.detach() @ t.detach().T, image_ids[:, None] == image_ids[None, :])
 
     def _warmup(self, v: Tensor, t: Tensor, image_ids: Tensor, text_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return in_batch_vse(v, t, image_ids, text_ids, self.warmup_loss, WARMUP_MARGIN, self.positives,
-                            self.gather_batch, oracle=self.false_negatives == "oracle")
+        loss, diagnostics = in_batch_vse(v, t, image_ids, text_ids, self.warmup_loss, WARMUP_MARGIN, self.positives,
+                                         self.gather_batch, oracle=self.false_negatives == "oracle")
+        if world_size() > 1:
+            # The VSE warm-up does not use the scale (and bias), and DDP stops at the next step when a
+            # trainable parameter got no gradient: they enter with weight 0 (a zero gradient under
+            # DDP; one process leaves theirs None).
+            for param in self.scale_parameters():
+                if param is not None and param.requires_grad:
+                    loss = loss + 0.0 * param.sum()
+        return loss, diagnostics
 
     def _false_negative_terms(self, s: Tensor, negative: Tensor, truth: Tensor | None,
                               coefficients: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -317,8 +325,8 @@ class InfoNCELoss(ContrastiveLoss):
         check(same_image in SAME_IMAGE, "loss.same_image", " or ".join(SAME_IMAGE), same_image)
         check(isinstance(memory_size, int) and memory_size >= 0, "loss.memory_size", "an integer >= 0", memory_size)
         check(queue_features in QUEUE_FEATURES, "loss.queue_features", " or ".join(QUEUE_FEATURES), queue_features)
-        check(0.0 <= alpha <= 1.0, "loss.alpha", "a value in [0, 1]", alpha)
-        check(alpha_ramp_epochs >= 0, "loss.alpha_ramp_epochs", "a value >= 0", alpha_ramp_epochs)
+        check(number(alpha) and 0.0 <= alpha <= 1.0, "loss.alpha", "a value in [0, 1]", alpha)
+        check(number(alpha_ramp_epochs) and alpha_ramp_epochs >= 0, "loss.alpha_ramp_epochs", "a value >= 0", alpha_ramp_epochs)
         self.same_image, self.queue_features = same_image, queue_features
         self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
         self.bank = MemoryBank(memory_size, embed_dim)
@@ -390,7 +398,9 @@ class InfoNCELoss(ContrastiveLoss):
         else:
             batch = gather_with_grad(online) if gather else online
         batch_momentum = None
-        if self.false_negatives == "distill" and momentum is not None:
+        if self.false_negatives == "distill":
+            if momentum is None:
+                raise ValueError("InfoNCELoss(false_negatives=distill) needs the momentum features after the warm-up")
             batch_momentum = gather_no_grad(momentum) if gather else momentum
         present = torch.ones(batch.shape[0], dtype=torch.bool, device=online.device)
         if self.bank.size == 0:
@@ -515,6 +525,7 @@ class SigLIPLoss(ContrastiveLoss):
         Raises:
             FNEError: a value out of range, naming its ``loss.<name>`` key.
         """
+        check(number(bias), "loss.bias", "a number", bias)
         check(false_negatives != "distill", "loss.false_negatives", "none, fne or oracle for loss=siglip (distill "
               "is InfoNCE's)", false_negatives)
         super().__init__(embed_dim, temperature, bias, learn_scale, model_scale, max_logit_scale, false_negatives,
@@ -529,7 +540,8 @@ class SigLIPLoss(ContrastiveLoss):
         Returns:
             ``(loss, diagnostics)``: ``train/logit_scale`` and ``train/logit_bias``; with ``fne``
             the Gaussians; on data with declared positives ``fn_mass`` (the share of
-            ``sigmoid(logit)`` over negatives, each negative's push, that falls on true matches),
+            ``sigmoid(logit)`` times each term's weight over negatives, each negative's push, that falls
+            on true matches),
             ``hardest_fn_rate``, ``fn_base_rate``, ``score_auc`` (image anchors).
         """
         with torch.autocast(image_features.device.type, enabled=False):
@@ -545,7 +557,7 @@ class SigLIPLoss(ContrastiveLoss):
     def _sigmoid(self, v: Tensor, t: Tensor, image_ids: Tensor, text_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         scale, bias = self._scale_and_bias()
         assert bias is not None  # SigLIP always has a bias
-        coefficients, _ = self._coefficients()
+        coefficients, gaussians = self._coefficients()
         texts = gather_with_grad(t) if self.gather_batch else t
         cand_image_ids = gather_no_grad(image_ids) if self.gather_batch else image_ids
         cand_text_ids = gather_no_grad(text_ids) if self.gather_batch else text_ids
@@ -568,6 +580,18 @@ class SigLIPLoss(ContrastiveLoss):
         diagnostics: dict[str, Tensor] = {"train/logit_scale": scale.detach(), "train/logit_bias": bias.detach()}
         if truth is not None:
             with torch.no_grad():
+                # A term's push is the gradient of the loss with respect to its logit: weighted as the term.
                 push = torch.sigmoid(logits.detach())
+                if weights is not None:
+                    push = push * weights
                 diagnostics.update(_mean_directions([self._truth_diagnostics(s, push, negative, truth, coefficients)]))
+        if self.prior == "estimated" and gaussians is not None and coefficients is not None:
+            with torch.no_grad():  # one EM step of the candidates' mixture, as InfoNCE (image anchors only)
+                p_fn = posterior_log_odds(s, coefficients).sigmoid_()
+                sums = torch.cat([torch.count_nonzero(negative).double()[None],
+                                  candidate_mixture_sums(s, p_fn, negative)])
+                prior, mixture = mixture_step(all_reduce_sum(sums), gaussians.ready, self.prior_estimate,
+                                              self.mixture)
+                self.prior_estimate.copy_(prior)
+                self.mixture.copy_(mixture)
         return loss, diagnostics

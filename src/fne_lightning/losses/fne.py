@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fne_lightning.errors import check
+from fne_lightning.errors import check, number
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.diagnostics import binned_auc
 from fne_lightning.fne.negatives import posterior_coefficients, posterior_log_odds, select_negatives
@@ -129,16 +129,16 @@ class FNELoss(TripletLoss):
         check(queue_features in QUEUE_FEATURES, "loss.queue_features", " or ".join(QUEUE_FEATURES), queue_features)
         self.queue_features = queue_features
         self.requires_momentum = queue_features == "momentum"
-        check(memory_size >= 0, "loss.memory_size", "an integer >= 0", memory_size)
-        check(tau > 0, "loss.tau", "a value > 0", tau)
-        check(0.0 < match_prior < 1.0, "loss.match_prior", "a value in (0, 1)", match_prior)
-        check(0.0 < false_margin <= 1.0, "loss.false_margin", "a value in (0, 1]", false_margin)
-        check(min_pos_samples >= 1, "loss.min_pos_samples", "an integer >= 1", min_pos_samples)
-        check(cutdown is None or cutdown >= 0, "loss.cutdown", "null or a value >= 0", cutdown)
+        check(isinstance(memory_size, int) and not isinstance(memory_size, bool) and memory_size >= 0, "loss.memory_size", "an integer >= 0", memory_size)
+        check(number(tau) and tau > 0, "loss.tau", "a value > 0", tau)
+        check(number(match_prior) and 0.0 < match_prior < 1.0, "loss.match_prior", "a value in (0, 1)", match_prior)
+        check(number(false_margin) and 0.0 < false_margin <= 1.0, "loss.false_margin", "a value in (0, 1]", false_margin)
+        check(isinstance(min_pos_samples, int) and min_pos_samples >= 1, "loss.min_pos_samples", "an integer >= 1", min_pos_samples)
+        check(cutdown is None or (number(cutdown) and cutdown >= 0), "loss.cutdown", "null or a value >= 0", cutdown)
         check(weighting in ("reference", "complement"), "loss.weighting", "reference or complement", weighting)
         check(selection in ("sample", "hardest"), "loss.selection", "sample or hardest", selection)
         check(prior in PRIORS, "loss.prior", " or ".join(PRIORS), prior)
-        check(exclude is None or 0.0 <= exclude < 1.0, "loss.exclude", "null or a value in [0, 1)", exclude)
+        check(exclude is None or (number(exclude) and 0.0 <= exclude < 1.0), "loss.exclude", "null or a value in [0, 1)", exclude)
         check(isinstance(online_batch, bool), "loss.online_batch", "true or false", online_batch)
         self.prior, self.exclude, self.online_batch = prior, exclude, online_batch
         self.tau, self.match_prior, self.false_margin, self.cutdown = tau, match_prior, false_margin, cutdown

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fne_lightning.errors import FNEError, check
+from fne_lightning.errors import FNEError, check, number
 from fne_lightning.fne.positives import PositiveIndex
 from fne_lightning.losses.base import RetrievalLoss
 from fne_lightning.utils.distributed import gather_no_grad, gather_with_local_grad
@@ -215,7 +215,7 @@ class TripletLoss(RetrievalLoss):
                 rule could gain for this loss's selection. Needs data with positives.
         """
         super().__init__(warmup_epochs, warmup_loss)
-        check(margin >= 0, "loss.margin", "a value >= 0", margin)
+        check(number(margin) and margin >= 0, "loss.margin", "a value >= 0", margin)
         check(isinstance(oracle, bool), "loss.oracle", "true or false", oracle)
         self.margin, self.gather_batch, self.oracle = margin, gather_batch, oracle
 
