@@ -48,7 +48,31 @@ METHODS = {
     "fne_exclude": ["loss=fne", "loss.exclude=0.5"],
     "fne_estimated_exclude": ["loss=fne", "loss.prior=estimated", "loss.exclude=0.5"],
     "fne_online": ["loss=fne", "loss.online_batch=true"],
+    "fne_online_queue": ["loss=fne", "loss.queue_features=online"],
+    # The contrastive family (issue 29): plain, FNE's posterior, distillation.
+    "infonce": ["loss=infonce"],
+    "infonce_fne": ["loss=infonce", "loss.false_negatives=fne", "loss.memory_size=1024"],
+    "infonce_distill": ["loss=infonce", "loss.false_negatives=distill"],
+    "siglip": ["loss=siglip"],
+    "siglip_fne": ["loss=siglip", "loss.false_negatives=fne"],
+    # Oracles: the declared true matches, each bounding its own family's selection rule.
+    "vsepp_oracle": ["loss=vsepp", "loss.oracle=true"],
+    "fne_oracle": ["loss=fne", "loss.oracle=true"],
+    "infonce_oracle": ["loss=infonce", "loss.false_negatives=oracle", "loss.oracle_action=eliminate"],
+    "infonce_attract": ["loss=infonce", "loss.false_negatives=oracle", "loss.oracle_action=attract"],
+    "siglip_oracle": ["loss=siglip", "loss.false_negatives=oracle", "loss.oracle_action=eliminate"],
+    "siglip_attract": ["loss=siglip", "loss.false_negatives=oracle", "loss.oracle_action=attract"],
 }
+# Each method's family (the plain loss it changes) and role; a method's gain is measured against its
+# family's plain baseline and bounded by its family's best oracle.
+FAMILIES = {"triplet": "vsepp", "infonce": "infonce", "siglip": "siglip"}
+FAMILY = {m: "infonce" if m.startswith("infonce") else "siglip" if m.startswith("siglip") else "triplet"
+          for m in METHODS}
+ORACLES = {m for m in METHODS if m.endswith(("_oracle", "_attract"))}
+# The study of issue 31: every plain baseline, every false-negative method, every oracle.
+STUDY = ["vsepp", "fne", "fne_online", "fne_online_queue", "vsepp_oracle", "fne_oracle", "infonce", "infonce_fne",
+         "infonce_distill", "infonce_oracle", "infonce_attract", "siglip", "siglip_fne", "siglip_oracle"]
+DENSITIES = ("low", "medium", "high")
 SMOKE = ["data.num_train=64", "data.num_val=16", "data.num_test=16", "data.batch_size=32"]
 PRETRAIN = ["experiment=synthetic", "loss=vse0", "test=false"]
 COLUMNS = {
@@ -57,10 +81,13 @@ COLUMNS = {
     "i2t_map_at_r": lambda m: m["test/i2t_map_at_r"],
     "t2i_map_at_r": lambda m: m["test/t2i_map_at_r"],
     "rprecision": lambda m: (m["test/i2t_rprecision"] + m["test/t2i_rprecision"]) / 2,
-    "sampled_fn_rate": lambda m: 100 * m["fne/sampled_fn_rate"],
-    "hardest_fn_rate": lambda m: 100 * m["fne/hardest_fn_rate"],
+    "any_r1": lambda m: (m.get("test/i2t_any_r1", math.nan) + m.get("test/t2i_any_r1", math.nan)) / 2,
+    # Diagnostics a loss does not report (the contrastive losses sample no negative) are nan.
+    "sampled_fn_rate": lambda m: 100 * m.get("fne/sampled_fn_rate", math.nan),
+    "hardest_fn_rate": lambda m: 100 * m.get("fne/hardest_fn_rate", math.nan),
+    "fn_mass": lambda m: 100 * m.get("fne/fn_mass", math.nan),
 }
-PAIRED = ("test_rsum", "map_at_r", "rprecision", "sampled_fn_rate")
+PAIRED = ("test_rsum", "map_at_r", "rprecision", "any_r1", "sampled_fn_rate")
 # Two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 seeds).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -96,6 +123,8 @@ def finetune(method: str, seed: int, export: Path, out: Path, extra: list[str]) 
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    if any(math.isnan(v) for v in values):  # a column the method does not report
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -154,15 +183,70 @@ def rebase(pairs: list[dict[str, object]], baseline: str) -> list[dict[str, obje
     return rows
 
 
+def best_baseline(rows: list[dict[str, object]]) -> str | None:
+    """The plain baseline (of any family) with the highest mean mAP@R, or None if none was run."""
+    plain = [r for r in rows if r["method"] in FAMILIES.values()]
+    return max(plain, key=lambda r: r["map_at_r"])["method"] if plain else None
+
+
+def headroom(results: dict[str, dict[int, dict[str, float]]]) -> list[dict[str, object]]:
+    """Each false-negative method's share of its family's oracle headroom, on mAP@R and rsum:
+    ``(method - baseline) / (oracle - baseline)`` of the mean paired differences, with the family's
+    oracle of the largest mean mAP@R gain (eliminate or attract). None where the oracle gains
+    nothing on that metric (no headroom to share)."""
+    rows = []
+    for family, baseline in FAMILIES.items():
+        if baseline not in results:
+            continue
+        diffs = {p["method"]: p for p in paired(results, baseline)}
+        oracles = [m for m in diffs if m in ORACLES and FAMILY[m] == family]
+        if not oracles:
+            continue
+        oracle = max(oracles, key=lambda m: diffs[m]["map_at_r"]["mean"])
+        for method, p in diffs.items():
+            if FAMILY[method] != family or method in ORACLES:
+                continue
+            row: dict[str, object] = {"method": method, "baseline": baseline, "oracle": oracle}
+            for name in ("map_at_r", "test_rsum"):
+                room = diffs[oracle][name]["mean"]
+                row[name] = round(p[name]["mean"] / room, 3) if room > 0 else None
+            rows.append(row)
+    return rows
+
+
+def bar(results: dict[str, dict[int, dict[str, float]]], density: str) -> list[str]:
+    """The verdict of issue 31's bar at this density, one line per statement, with the numbers."""
+    rows = summarise(results)
+    best = best_baseline(rows)
+    if best is None:
+        return ["no plain baseline was run"]
+    shares = {h["method"]: h for h in headroom(results)}
+    lines = []
+    for p in paired(results, best):
+        method = p["method"]
+        if method in ORACLES or method in FAMILIES.values():
+            continue
+        above = all(p[k]["ci95"][0] > 0 for k in ("map_at_r", "rprecision"))
+        share = shares.get(method, {}).get("map_at_r")
+        verdict = "beats" if above else "does not beat"
+        lines.append(f"{density}: {method} {verdict} the best plain baseline ({best}) on mAP@R "
+                     f"{p['map_at_r']['mean']:+.2f} [{p['map_at_r']['ci95'][0]:+.2f}, {p['map_at_r']['ci95'][1]:+.2f}] "
+                     f"and R-Precision {p['rprecision']['mean']:+.2f} [{p['rprecision']['ci95'][0]:+.2f}, "
+                     f"{p['rprecision']['ci95'][1]:+.2f}]; share of its family's oracle headroom on mAP@R: "
+                     + (f"{share:.2f}" if share is not None else "none (the oracle gains nothing)"))
+    return lines
+
+
 def markdown(rows: list[dict[str, object]], *pair_tables: list[dict[str, object]]) -> str:
     cell = lambda r, k: f"{r[k]:.1f} ± {r[k + '_std']:.1f}"  # noqa: E731
     text = ""
     if rows:
-        text += ("| method | test rsum | mAP@R (%) | i2t / t2i mAP@R | R-Precision (%) | sampled FN (%) | hardest FN (%) |\n"
-                 "|---|---|---|---|---|---|---|\n")
+        text += ("| method | test rsum | mAP@R (%) | i2t / t2i mAP@R | R-Precision (%) | any R@1 (%) | sampled FN (%) "
+                 "| hardest FN (%) | push on true matches (%) |\n|---|---|---|---|---|---|---|---|---|\n")
         text += "".join(f"| {r['method']} | {cell(r, 'test_rsum')} | {cell(r, 'map_at_r')} | "
                         f"{r['i2t_map_at_r']:.1f} / {r['t2i_map_at_r']:.1f} | {cell(r, 'rprecision')} | "
-                        f"{cell(r, 'sampled_fn_rate')} | {cell(r, 'hardest_fn_rate')} |\n" for r in rows)
+                        f"{cell(r, 'any_r1')} | {cell(r, 'sampled_fn_rate')} | {cell(r, 'hardest_fn_rate')} | "
+                        f"{cell(r, 'fn_mass')} |\n" for r in rows)
     fmt = lambda d: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
     for pairs in filter(None, pair_tables):
         text += (f"\n| method - {pairs[0]['baseline']} (paired by seed) | rsum: mean [95% CI] | mAP@R: mean [95% CI] | "
@@ -172,16 +256,64 @@ def markdown(rows: list[dict[str, object]], *pair_tables: list[dict[str, object]
     return text
 
 
+def figure(files: list[Path], out: Path) -> None:
+    """Gain over the best plain baseline against false-negative density, one line per method with
+    its 95% interval and the oracles dashed, on mAP@R and rsum, from the stored results of each
+    density (``--figure``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stored = sorted((json.loads(f.read_text()) for f in files), key=lambda r: DENSITIES.index(r["density"]))
+    densities = [r["density"] for r in stored]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, (name, label) in zip(axes, (("map_at_r", "mAP@R"), ("test_rsum", "rsum")), strict=True):
+        methods = sorted({p["method"] for r in stored for p in r["paired_best"]}, key=list(METHODS).index)
+        for k, method in enumerate(methods):
+            xs, means, lows, highs = [], [], [], []
+            for x, r in enumerate(stored):
+                row = next((p for p in r["paired_best"] if p["method"] == method), None)
+                if row is not None:
+                    xs.append(x + (k - len(methods) / 2) * 0.015)
+                    means.append(row[name]["mean"])
+                    lows.append(row[name]["mean"] - row[name]["ci95"][0])
+                    highs.append(row[name]["ci95"][1] - row[name]["mean"])
+            style = "--" if method in ORACLES else "-"
+            ax.errorbar(xs, means, yerr=[lows, highs], fmt=style + "o", ms=3, lw=1, capsize=2, label=method)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(densities)), [f"{d}\n(best plain: {r['best_baseline']})" for d, r in zip(densities, stored,
+                                                                                                       strict=True)])
+        ax.set_xlabel("false-negative density (data.fn_density)")
+        ax.set_ylabel(f"{label} - best plain baseline (paired, 95% CI)")
+        ax.set_title(f"gain over the best plain baseline: {label}")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.subplots_adjust(left=0.06, right=0.84, bottom=0.17, top=0.92, wspace=0.25)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                        help="default: the study (STUDY) with --density, else the FNE variants of 2026-12-01/02")
+    parser.add_argument("--density", choices=DENSITIES, default=None,
+                        help="data.fn_density of every run; its runs go to <out>/<density>")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_synthetic_fn"))
     parser.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch per phase (checks the script runs)")
     parser.add_argument("--rebase", type=Path, metavar="JSON",
                         help="no runs: print the paired table against fne from a stored synthetic_fn.json")
+    parser.add_argument("--figure", type=Path, nargs="+", metavar="JSON",
+                        help="no runs: draw the gain-against-density figure from stored results of --density runs")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    if args.figure is not None:
+        out = args.out / result_name("synthetic_fn_density", "png")
+        figure(args.figure, out)
+        print(out)
+        return
     if args.rebase is not None:
         try:
             pairs = json.loads(args.rebase.read_text())["paired"]
@@ -192,24 +324,41 @@ def main() -> None:
             print(json.dumps(row))
         print("\n" + markdown([], rebased))
         return
-    extra = (SMOKE if args.smoke else []) + args.overrides
+    methods = args.methods or (STUDY if args.density else [m for m in METHODS if FAMILY[m] == "triplet"
+                                                              and m not in ORACLES and m != "fne_online_queue"])
+    out = args.out / args.density if args.density else args.out
+    extra = (SMOKE if args.smoke else []) + ([f"data.fn_density={args.density}"] if args.density else []) + args.overrides
     fine_extra = extra + (["trainer.max_epochs=1"] if args.smoke else [])
-    results: dict[str, dict[int, dict[str, float]]] = {m: {} for m in args.methods}
+    results: dict[str, dict[int, dict[str, float]]] = {m: {} for m in methods}
     for seed in args.seeds:  # seed by seed: an interrupted benchmark has whole seeds to compare
-        export = pretrained(seed, args.out, extra, epochs=1 if args.smoke else 10)
-        for method in args.methods:
-            results[method][seed] = finetune(method, seed, export, args.out, fine_extra)
-    # Against VSE++ (does it help?) and against the published rule (does a variant improve on it?).
-    rows, pairs, pairs_fne = summarise(results), paired(results), paired(results, "fne")
-    for row in [*rows, *pairs, *pairs_fne]:
+        export = pretrained(seed, out, extra, epochs=1 if args.smoke else 10)
+        for method in methods:
+            results[method][seed] = finetune(method, seed, export, out, fine_extra)
+    rows = summarise(results)
+    # Against each family's plain baseline, the best plain baseline overall, and the published rule.
+    by_family = [p for base in FAMILIES.values() if base in results for p in paired(results, base)
+                 if FAMILY[p["method"]] == FAMILY[base]]
+    best = best_baseline(rows)
+    pairs_best = paired(results, best) if best else []
+    pairs_fne = paired(results, "fne") if "fne" in results and not args.density else []
+    shares, verdict = headroom(results), bar(results, args.density or "low") if args.density else []
+    for row in [*rows, *by_family, *pairs_best, *pairs_fne, *shares]:
         print(json.dumps(row))
-    table = markdown(rows, pairs, pairs_fne)
+    table = markdown(rows, by_family, pairs_best, pairs_fne)
+    if shares:
+        table += ("\n| method | family oracle | share of the oracle's headroom: mAP@R | rsum |\n|---|---|---|---|\n"
+                  + "".join(f"| {h['method']} | {h['oracle']} | {h['map_at_r']} | {h['test_rsum']} |\n" for h in shares))
+    if verdict:
+        table += "\n" + "\n".join(f"- {line}" for line in verdict) + "\n"
     print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     # Named by date and machine (results_name.py), ready to be copied into benchmarks/results/.
-    (args.out / result_name("synthetic_fn", "md")).write_text(table)
-    (args.out / result_name("synthetic_fn", "json")).write_text(
-        json.dumps({"methods": rows, "paired": pairs, "paired_fne": pairs_fne}, indent=1))
+    stem = f"synthetic_fn_{args.density}" if args.density else "synthetic_fn"
+    (out / result_name(stem, "md")).write_text(table)
+    (out / result_name(stem, "json")).write_text(json.dumps(
+        {"density": args.density, "seeds": args.seeds, "methods": rows, "paired": by_family,
+         "best_baseline": best, "paired_best": pairs_best, "paired_fne": pairs_fne, "headroom": shares,
+         "bar": verdict}, indent=1))
 
 
 if __name__ == "__main__":

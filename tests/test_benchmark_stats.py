@@ -26,6 +26,7 @@ def synthetic_fn():
 def metrics(rsum: float, i2t: float, t2i: float, sampled: float) -> dict[str, float]:
     return {"test/rsum": rsum, "test/i2t_map_at_r": i2t, "test/t2i_map_at_r": t2i,
             "test/i2t_rprecision": i2t + 1, "test/t2i_rprecision": t2i + 1,
+            "test/i2t_any_r1": i2t + 2, "test/t2i_any_r1": t2i + 2,
             "fne/sampled_fn_rate": sampled, "fne/hardest_fn_rate": 0.2}
 
 
@@ -75,3 +76,25 @@ def test_rebase_from_a_stored_file_and_a_bad_file(synthetic_fn, tmp_path: Path) 
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"--rebase {bad}: expected a synthetic_fn.json with a 'paired' list "
                                                 "('paired')"]
+
+
+def test_oracle_headroom_share_and_the_bar_against_a_hand_computation(synthetic_fn) -> None:
+    """Issue 31's share of the oracle's headroom, ``(method - baseline) / (oracle - baseline)`` of the
+    mean paired differences with the family's best oracle, and the bar's verdict."""
+    results = {
+        "vsepp": {s: metrics(300.0 + s, 10.0 + s, 20.0 + s, 0.2) for s in range(3)},
+        "fne": {s: metrics(304.0 + s, 10.5 + s, 20.9 + s, 0.1) for s in range(3)},  # +0.7 mAP@R each seed
+        "vsepp_oracle": {s: metrics(302.0 + s, 11.0 + s, 21.0 + s, 0.0) for s in range(3)},  # +1.0
+        "fne_oracle": {s: metrics(299.0 + s, 10.2 + s, 20.0 + s, 0.0) for s in range(3)},  # +0.1
+        "infonce": {s: metrics(310.0 + s, 9.0 + s, 19.0 + s, 0.2) for s in range(3)},  # lower mAP@R
+    }
+    shares = {h["method"]: h for h in synthetic_fn.headroom(results)}
+    assert set(shares) == {"fne"}  # the infonce family has no oracle here
+    assert shares["fne"]["oracle"] == "vsepp_oracle"  # the family's oracle of the largest mAP@R gain
+    assert shares["fne"]["map_at_r"] == pytest.approx(0.7 / 1.0, abs=1e-3)
+    assert shares["fne"]["test_rsum"] == pytest.approx(4.0 / 2.0, abs=1e-3)
+    assert synthetic_fn.best_baseline(synthetic_fn.summarise(results)) == "vsepp"
+    (line,) = synthetic_fn.bar(results, "high")
+    # The same +0.7 on every seed: a zero-width interval above zero, on R-Precision too (+0.7).
+    assert line.startswith("high: fne beats the best plain baseline (vsepp) on mAP@R +0.70 [+0.70, +0.70]")
+    assert line.endswith("share of its family's oracle headroom on mAP@R: 0.70")

@@ -51,7 +51,7 @@ from fne_lightning.data.shards import (
     resolve_positives,
     stream_positives,
 )
-from fne_lightning.data.synthetic import build_synthetic
+from fne_lightning.data.synthetic import FN_DENSITIES, build_synthetic
 from fne_lightning.data.transforms import build_transform, is_random
 from fne_lightning.errors import FNEError, check
 from fne_lightning.models.encoders import ImageConfig
@@ -354,7 +354,7 @@ class SyntheticDataModule(CaptionDataModule):
     """
 
     def __init__(self, cache_dir: str, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
-                 image_size: int = 64, seed: int = 0, **kwargs: Any) -> None:
+                 image_size: int = 64, seed: int = 0, fn_density: str = "low", **kwargs: Any) -> None:
         """Check the settings; the dataset is rendered (once, by rank 0) in ``prepare_data``.
 
         Args:
@@ -364,6 +364,9 @@ class SyntheticDataModule(CaptionDataModule):
             num_test: test images.
             image_size: the side of the rendered images in pixels.
             seed: the seed of the scenes and captions.
+            fn_density: how dense false negatives are: ``low`` (the benchmark's original captions),
+                ``medium`` or ``high`` (a quarter or half of the captions vague, true of many
+                images).
             **kwargs: the other arguments of :class:`CaptionDataModule` (not ``root`` or
                 ``annotations``).
         """
@@ -373,8 +376,10 @@ class SyntheticDataModule(CaptionDataModule):
             kwargs.pop(key, None)
         kwargs.setdefault("splits", {"train": ["train"], "val": ["val"], "test": ["test"]})
         super().__init__(root=cache_dir, **kwargs)
+        check(fn_density in FN_DENSITIES, f"{kwargs.get('config_key', 'data')}.fn_density", " | ".join(FN_DENSITIES),
+              fn_density)
         self.synthetic = dict(num_train=num_train, num_val=num_val, num_test=num_test,
-                              image_size=image_size, seed=seed)
+                              image_size=image_size, seed=seed, fn_density=fn_density)
 
     def _build(self) -> Path:
         Path(self.root).mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,13 @@ _ONE_TEMPLATES = ((3, "colour shape", ""), (2, "size colour shape", ""), (2, "co
                   (2, "size colour shape position", ""), (1, "size colour shape position", "background"),
                   (1, "size colour shape", "count"))
 _TWO_TEMPLATES = ((2, "and"), (3, "relation"), (1, "count"), (1, "background"), (1, "same"), (1, "full"))
+# False-negative density (``data.fn_density``): the share of captions drawn from the vague
+# templates below, which state one attribute of one object, at most with its position ("a red
+# shape", "a circle", "a small shape on the left"), and so are true of many more images, as short
+# human captions are ("a dog", "people outside"). ``low`` draws none: the benchmark as it was.
+FN_DENSITIES = {"low": 0.0, "medium": 0.25, "high": 0.5}
+_VAGUE_TEMPLATES = ((3, "colour", ""), (3, "shape", ""), (1, "size", ""), (2, "colour", "position"),
+                    (2, "shape", "position"), (1, "size", "position"))
 
 
 def _pick_weighted(rng: np.random.Generator, templates: tuple) -> tuple:
@@ -193,17 +200,31 @@ def _plural(word: str) -> str:
     return word + ("es" if word.endswith("s") else "s")
 
 
-def make_caption(scene: dict[str, Any], rng: np.random.Generator) -> tuple[dict[str, Any], str]:
+def _vague_caption(scene: dict[str, Any], rng: np.random.Generator) -> tuple[dict[str, Any], str]:
+    """One vague caption of ``scene``: one attribute of one object, maybe with its position."""
+    obj = _pick(rng, scene["objects"])
+    _, attr, extra = _pick_weighted(rng, _VAGUE_TEMPLATES)
+    keys = (attr, "position") if extra else (attr,)
+    noun = _noun(obj, keys, rng, {shape: _pick(rng, words) for shape, words in _SHAPE_WORDS.items()})
+    return {"objects": [{k: obj[k] for k in keys}]}, _pick(rng, _OPENERS) + _a(noun)
+
+
+def make_caption(scene: dict[str, Any], rng: np.random.Generator, fn_density: str = "low") -> tuple[dict[str, Any], str]:
     """One random caption that is true of ``scene``.
 
     Args:
         scene: a scene of :func:`sample_scene`.
         rng: the generator to draw from.
+        fn_density: ``low`` (the original templates), ``medium`` or ``high``: that share
+            (:data:`FN_DENSITIES`) of the captions is vague, true of many images.
 
     Returns:
         ``(meaning, text)``: the attributes, relation, count and background the caption states,
         and its text, without capital or full stop.
     """
+    # `low` draws nothing here, so its captions (and the cached benchmark) are unchanged.
+    if fn_density != "low" and rng.random() < FN_DENSITIES[fn_density]:
+        return _vague_caption(scene, rng)
     objs, bg = scene["objects"], scene["background"]
     meaning: dict[str, Any] = {}
     # One word per shape per caption: "an orange cross and a green plus sign" would read as two shapes.
@@ -269,20 +290,22 @@ def make_caption(scene: dict[str, Any], rng: np.random.Generator) -> tuple[dict[
     return meaning, text
 
 
-def make_captions(scene: dict[str, Any], rng: np.random.Generator, n: int = CAPTIONS_PER_IMAGE) -> list[tuple[dict, str]]:
+def make_captions(scene: dict[str, Any], rng: np.random.Generator, n: int = CAPTIONS_PER_IMAGE,
+                  fn_density: str = "low") -> list[tuple[dict, str]]:
     """``n`` true captions of ``scene`` with distinct meanings (no near-duplicate captions).
 
     Args:
         scene: a scene of :func:`sample_scene`.
         rng: the generator to draw from.
         n: the number of captions.
+        fn_density: ``low``, ``medium`` or ``high`` (:func:`make_caption`).
 
     Returns:
         ``n`` pairs ``(meaning, text)``, each text a sentence (capital, full stop).
     """
     captions: dict[str, tuple[dict, str]] = {}
     while len(captions) < n:
-        meaning, text = make_caption(scene, rng)
+        meaning, text = make_caption(scene, rng, fn_density)
         # Without a relation the object order carries no meaning: "A and B" duplicates "B and A".
         objects = meaning["objects"] if "relation" in meaning else sorted(meaning["objects"], key=json.dumps)
         key = json.dumps({**meaning, "objects": objects}, sort_keys=True)
@@ -350,7 +373,7 @@ def match_matrix(scenes: list[dict[str, Any]], meanings: list[dict[str, Any]], c
     return out
 
 
-def _write_dataset(out: Path, sizes: tuple[int, int, int], image_size: int, seed: int) -> None:
+def _write_dataset(out: Path, sizes: tuple[int, int, int], image_size: int, seed: int, fn_density: str = "low") -> None:
     rng = np.random.Generator(np.random.PCG64(seed))
     (out / "images").mkdir(parents=True)
     images: list[dict[str, Any]] = []
@@ -362,7 +385,7 @@ def _write_dataset(out: Path, sizes: tuple[int, int, int], image_size: int, seed
             filename = f"{imgid:06d}.png"
             render_scene(scene, image_size).save(out / "images" / filename, format="PNG")
             sentences = [{"raw": raw, "tokens": clean_caption(raw, max_words=None).split(), "imgid": imgid, "sentid": imgid * CAPTIONS_PER_IMAGE + j,
-                          "meaning": meaning} for j, (meaning, raw) in enumerate(make_captions(scene, rng))]
+                          "meaning": meaning} for j, (meaning, raw) in enumerate(make_captions(scene, rng, fn_density=fn_density))]
             images.append({"imgid": imgid, "filename": filename, "filepath": "images", "split": split,
                            "sentids": [s["sentid"] for s in sentences], "sentences": sentences, "scene": scene})
         block = images[first:]
@@ -377,7 +400,7 @@ def _write_dataset(out: Path, sizes: tuple[int, int, int], image_size: int, seed
 
 
 def build_synthetic(root: str | os.PathLike, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
-                    image_size: int = 64, seed: int = 0) -> Path:
+                    image_size: int = 64, seed: int = 0, fn_density: str = "low") -> Path:
     """Create (or reuse) the synthetic dataset under ``root`` and return the path of its Karpathy JSON.
 
     The dataset lives in ``root/synthetic-v<version>-s<seed>-<train>-<val>-<test>-<size>px``
@@ -393,15 +416,22 @@ def build_synthetic(root: str | os.PathLike, num_train: int = 4000, num_val: int
         num_test: test images.
         image_size: the side of the images in pixels (at least 16).
         seed: the seed of the scenes and captions.
+        fn_density: ``low`` (the benchmark as it always was), ``medium`` or ``high``: a quarter or
+            half of the captions are vague, so captions are true of more images and false
+            negatives are denser (:data:`FN_DENSITIES`; the measured densities: docs:
+            results/synthetic-fn). Other densities live in directories of their own
+            (``...-fn<density>``).
 
     Raises:
         FNEError: a bad value, or a directory of that name not written by this function.
     """
+    check(fn_density in FN_DENSITIES, "data.fn_density", " | ".join(FN_DENSITIES), fn_density)
     for key, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("num_test", num_test, 1),
                             ("image_size", image_size, 16), ("seed", seed, 0)):
         check(isinstance(value, int) and not isinstance(value, bool) and value >= low, key, f"an integer >= {low}", value)
     root = Path(root)
-    final = root / f"synthetic-v{FORMAT_VERSION}-s{seed}-{num_train}-{num_val}-{num_test}-{image_size}px"
+    final = root / (f"synthetic-v{FORMAT_VERSION}-s{seed}-{num_train}-{num_val}-{num_test}-{image_size}px"
+                    + ("" if fn_density == "low" else f"-fn{fn_density}"))
     result = final / JSON_NAME
     if result.is_file():
         return result
@@ -410,7 +440,7 @@ def build_synthetic(root: str | os.PathLike, num_train: int = 4000, num_val: int
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_dataset(tmp, (num_train, num_val, num_test), image_size, seed)
+        _write_dataset(tmp, (num_train, num_val, num_test), image_size, seed, fn_density)
         try:
             os.replace(tmp, final)
         except OSError:  # another process moved its complete copy into place first
