@@ -31,35 +31,37 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def karpathy_images(path: Path) -> dict[int, tuple[int, list[tuple[int, str]]]]:
-    """``cocoid -> (imgid, [(sentid, raw), ...])`` of a Karpathy COCO JSON."""
-    data = read_json(path, "--karpathy")
+def karpathy_images(path: Path, key: str = "--karpathy") -> dict[int, tuple[int, list[tuple[int, str]]]]:
+    """``cocoid -> (imgid, [(sentid, raw), ...])`` of a Karpathy COCO JSON; errors name ``key``."""
+    data = read_json(path, key)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise FNEError(f"--karpathy={str(path)!r}: expected a Karpathy JSON object with an 'images' list")
+        raise FNEError(f"{key}={str(path)!r}: expected a Karpathy JSON object with an 'images' list")
     out = {}
     for n, img in enumerate(data["images"]):
         try:
             sentences = [(int(s["sentid"]), str(s["raw"])) for s in img["sentences"]]
             out[int(img["cocoid"])] = (int(img.get("imgid", n)), sentences)
         except (KeyError, TypeError, ValueError) as err:
-            raise FNEError(f"--karpathy={str(path)!r}: image entry {n} lacks {err} (expected MS-COCO's Karpathy "
+            raise FNEError(f"{key}={str(path)!r}: image entry {n} lacks {err} (expected MS-COCO's Karpathy "
                            "JSON: cocoid, imgid, sentences[].sentid/raw)") from None
     return out
 
 
-def caption_sentids(paths: Sequence[Path], images: dict[int, tuple[int, list[tuple[int, str]]]]) -> dict[int, int]:
-    """``COCO caption id -> Karpathy sentid`` for the captions of Karpathy's images, by text."""
+def caption_sentids(paths: Sequence[Path], images: dict[int, tuple[int, list[tuple[int, str]]]],
+                    key: str = "--coco-captions") -> dict[int, int]:
+    """``COCO caption id -> Karpathy sentid`` for the captions of Karpathy's images, by text; errors
+    name ``key``."""
     per_image: dict[int, list[tuple[int, str]]] = defaultdict(list)
     for path in paths:
-        data = read_json(path, "--coco-captions")
+        data = read_json(path, key)
         rows = data.get("annotations") if isinstance(data, dict) else None
         if not isinstance(rows, list):
-            raise FNEError(f"--coco-captions={str(path)!r}: expected COCO captions JSON with an 'annotations' list")
+            raise FNEError(f"{key}={str(path)!r}: expected COCO captions JSON with an 'annotations' list")
         for n, row in enumerate(rows):
             try:
                 per_image[int(row["image_id"])].append((int(row["id"]), str(row["caption"])))
             except (KeyError, TypeError, ValueError) as err:
-                raise FNEError(f"--coco-captions={str(path)!r}: annotation {n} lacks {err} "
+                raise FNEError(f"{key}={str(path)!r}: annotation {n} lacks {err} "
                                "(expected id, image_id, caption)") from None
     mapping = {}
     for cocoid, captions in per_image.items():

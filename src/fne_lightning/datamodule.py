@@ -40,6 +40,7 @@ from fne_lightning.data.datasets import (
     load_karpathy_splits,
 )
 from fne_lightning.data.order import ResumableLoader, ResumableSampler
+from fne_lightning.data.protocols import PROTOCOLS, load_protocol
 from fne_lightning.data.shards import (
     ShardLoader,
     ShardStream,
@@ -120,6 +121,9 @@ class CaptionDataModule(L.LightningDataModule):
         caption: Mapping[str, Any] | None = None,
         positives: str | None = None,
         test_folds: int | None = None,
+        protocol: str | None = None,
+        protocol_dir: str | None = None,
+        coco_captions: str | Sequence[str] | None = None,
         on_bad_image: str = "error",
         shuffle_seed: int = 0,
         image_config: ImageConfig | Mapping[str, Any] | None = None,
@@ -153,6 +157,12 @@ class CaptionDataModule(L.LightningDataModule):
                 it exists.
             test_folds: also score the test split as this many consecutive equal folds, averaged
                 (COCO 1K: 5 folds of the 5K test set); None: the whole split only.
+            protocol: also score the test split with a published protocol: ``eccv`` (ECCV
+                Caption, CxC and COCO 5K / 1K as the ``eccv_caption`` package computes them;
+                :mod:`fne_lightning.data.protocols`); None: ours only.
+            protocol_dir: the protocol's annotation files (None: the installed package's).
+            coco_captions: COCO's caption annotations (a path or a list), whose caption ids the
+                protocol's files use.
             on_bad_image: every image is checked at set-up (missing, not an image, truncated):
                 ``error`` stops with the first bad file named; ``skip`` drops bad images with their
                 captions, logging each and the count.
@@ -195,6 +205,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.clean = partial(clean_caption, **dict(caption or {}))
         self.positives = positives
         self.test_folds = test_folds
+        check(protocol is None or protocol in PROTOCOLS, f"{k}.protocol", f"null or {' | '.join(PROTOCOLS)}", protocol)
+        self.protocol, self.protocol_dir, self.coco_captions = protocol, protocol_dir, coco_captions
+        self._protocols: dict[str, Any] = {}
         check(on_bad_image in ("error", "skip"), f"{k}.on_bad_image", "error or skip", on_bad_image)
         self.on_bad_image = on_bad_image
         self.shuffle_seed = shuffle_seed
@@ -226,6 +239,32 @@ class CaptionDataModule(L.LightningDataModule):
         """
         for stage in STAGES:
             self.load_split(stage)
+        if self.protocol:
+            self.protocol_targets()  # the protocol's files and ids map, before hours of training
+
+    def protocol_targets(self, protocol: str | None = None) -> Any:
+        """The published protocol to score the test split with, mapped onto it (built once).
+
+        Args:
+            protocol: the protocol (``eccv``); default: ``data.protocol``.
+
+        Returns:
+            An :class:`~fne_lightning.retrieval.protocols.EccvProtocol`, or None without a
+            protocol.
+
+        Raises:
+            FNEError: a missing file or key, or a test split that is not the protocol's (COCO 5K).
+        """
+        protocol = protocol or self.protocol
+        if not protocol:
+            return None
+        if protocol not in self._protocols:
+            if self.format != "karpathy":
+                raise FNEError(f"{self.config_key}.protocol={protocol}: needs {self.config_key}.format=karpathy "
+                               "(COCO's Karpathy JSON, whose cocoid and sentid map the protocol's ids)")
+            self._protocols[protocol] = load_protocol(protocol, self.load_split("test"), self.annotations,
+                                                      self.coco_captions, self.protocol_dir, self.config_key)
+        return self._protocols[protocol]
 
     # ----------------------------------------------------------------- reading
     def _annotation_path(self, stage: str) -> Path:

@@ -4,7 +4,10 @@
 
 Scores image-text retrieval with the protocol of FNE_SPEC sections 9-10: i2t and t2i R@1/5/10,
 medr, meanr, rsum; with ``data.test_folds`` also the mean over consecutive folds (COCO 1K); with
-extra positives also R-Precision, mAP@R and any-positive R@K. Every unique image and every
+extra positives also R-Precision, mAP@R and any-positive R@K; with ``protocol=eccv`` (or
+``data.protocol``) also ECCV Caption's, CxC's and the COCO 5K / 1K metrics exactly as the
+``eccv_caption`` package computes them (``test_eccv/...``, ``test_cxc/...``, ``test_coco5k/...``,
+``test_coco1k/...``). Every unique image and every
 caption is encoded once, in batches, under ``torch.inference_mode()`` (bf16 autocast on CUDA),
 through the same datamodule and :class:`~fne_lightning.retrieval.metric.RetrievalMetric` that
 ``trainer.test`` uses, so a checkpoint scores here exactly what training reported for it.
@@ -191,6 +194,12 @@ def save_retrievals(path: Path, split: Any, image_root: str, images: Any, texts:
                    "text_to_image": caption_queries}, f, indent=1, ensure_ascii=False)
 
 
+def logged_key(stage: str, name: str) -> str:
+    """The ``metrics.json`` key of a score: ``test/i2t_r1``; a protocol's ``eccv/i2t_r1`` becomes
+    ``test_eccv/i2t_r1``."""
+    return f"{stage}_{name}" if "/" in name else f"{stage}/{name}"
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Encode, score and write the results of ``cfg`` (``conf/evaluate.yaml``); returns the metrics."""
     split_name, precision, topk = cfg.split, str(cfg.precision), cfg.save_topk
@@ -209,6 +218,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path is None and cfg.get("data") is None:
         raise FNEError("data: expected data=<synthetic|f30k|coco|karpathy|albef> (without a checkpoint there is "
                        "no training data config to use)")
+    from fne_lightning.data.protocols import PROTOCOLS
+
+    check(cfg.get("protocol") is None or cfg.protocol in PROTOCOLS, "protocol", f"null or {' | '.join(PROTOCOLS)}",
+          cfg.get("protocol"))
 
     import torch
     from hydra.utils import instantiate
@@ -216,7 +229,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from fne_lightning.data.datasets import positive_pairs_tensor
     from fne_lightning.retrieval.metric import RetrievalMetric
     from fne_lightning.utils.checkpoints import load_checkpoint
-    from fne_lightning.utils.report import format_markdown, format_table, write_json
+    from fne_lightning.utils.report import format_markdown, format_protocol_table, format_table, write_json
 
     ckpt = load_checkpoint(ckpt_path, bool(cfg.trust_checkpoint)) if ckpt_path else None
     trained = (ckpt.get("hyper_parameters") or {}) if ckpt else {}
@@ -227,11 +240,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                        f"choose one with {missing}=<option>")
     device, autocast = _device_and_autocast(str(cfg.device), precision)
 
+    protocol_name = cfg.get("protocol") or data_cfg.get("protocol")
+    key = "protocol" if cfg.get("protocol") else "data.protocol"
+    if protocol_name and split_name != "test":
+        raise FNEError(f"{key}={protocol_name}: the protocol scores the COCO 5K test split; got split={split_name}")
     datamodule = instantiate(data_cfg)
     try:  # before the model is built: missing data or a missing split fails fast
         split = datamodule.load_split(split_name)
     except FNEError as err:
         raise FNEError(f"split={split_name!r}: {err}") from None
+    protocol = None
+    if protocol_name:
+        if not hasattr(datamodule, "protocol_targets"):
+            raise FNEError(f"{key}={protocol_name}: data._target_={data_cfg.get('_target_')} has no published "
+                           "protocols; use data=coco (COCO's Karpathy JSON)")
+        protocol = datamodule.protocol_targets(protocol_name)  # files and ids, before the model is built
     encoder = build_encoder(model_cfg, ckpt, ckpt_path)
     del ckpt  # the optimizer state and momentum encoder are not needed any more
     datamodule.use_encoder(encoder.image_config, encoder.tokenizer)
@@ -242,11 +265,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
              split_name, device)
 
     metric = RetrievalMetric(torch.from_numpy(split.text_to_image), positive_pairs_tensor(split),
-                             chunk_size=cfg.chunk_size).to(device)
+                             chunk_size=cfg.chunk_size, protocol=protocol).to(device)
     encode(encoder, loaders, metric, device, autocast)
     scores = metric.compute()
     folds = datamodule.test_folds if split_name == "test" else None
-    metrics = {f"{split_name}/{k}": v for k, v in scores.items()}
+    metrics = {logged_key(split_name, k): v for k, v in scores.items()}
     if folds:
         metrics.update({f"{split_name}_1k/{k}": v for k, v in metric.fold_scores(folds).items()})
 
@@ -262,6 +285,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 f"- {split.num_images:,} images, {split.num_texts:,} captions{positives}\n"]
     for prefix, label in tables:
         markdown += [f"## {label}\n", format_markdown(metrics, prefix, label)]
+    if protocol is not None:
+        markdown += ["## Published protocols (eccv_caption)\n", *[f"- {note}" for note in protocol.notes], "",
+                     format_protocol_table(metrics, split_name, markdown=True)]
     write_json(out_dir / "metrics.json", metrics)
     with atomic_write(out_dir / "metrics.md") as f:
         f.write("\n".join(markdown))
@@ -272,7 +298,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if topk:
             image_root = str(datamodule.image_root or datamodule.root)
             save_retrievals(out_dir / "retrievals.json", split, image_root, images, texts, topk, cfg.chunk_size)
-    print("\n" + "\n\n".join(format_table(metrics, prefix, label) for prefix, label in tables))
+    printed = [format_table(metrics, prefix, label) for prefix, label in tables]
+    if protocol is not None:
+        printed.append(format_protocol_table(metrics, split_name))
+    print("\n" + "\n\n".join(printed))
     print(f"\nmetrics: {out_dir / 'metrics.json'}")
     return metrics
 

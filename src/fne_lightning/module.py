@@ -40,7 +40,8 @@ class RetrievalModule(L.LightningModule):
     encoders follow the online ones by EMA. Validation and test encode every image and every
     caption of the split once and log the scores of
     :func:`~fne_lightning.retrieval.ranking.retrieval_scores` as ``val/<name>`` and
-    ``test/<name>`` (and ``test_1k/<name>`` with ``data.test_folds``). Checkpoints also hold
+    ``test/<name>`` (and ``test_1k/<name>`` with ``data.test_folds``, ``test_<protocol>/<name>``
+    with ``data.protocol``). Checkpoints also hold
     the random streams and the loss's epoch, so a resumed run continues exactly.
     """
 
@@ -126,7 +127,9 @@ class RetrievalModule(L.LightningModule):
         for name, metric in (("val", self.val_metric), ("test", self.test_metric)):
             if (stage in ("fit", "validate") and name == "val") or (stage == "test" and name == "test"):
                 split = dm.load_split(name)
-                metric.set_targets(torch.from_numpy(split.text_to_image), positive_pairs_tensor(split))
+                # data.protocol: the test split is also scored by a published protocol (test_eccv/...).
+                protocol = getattr(dm, "protocol_targets", lambda: None)() if name == "test" else None
+                metric.set_targets(torch.from_numpy(split.text_to_image), positive_pairs_tensor(split), protocol)
 
     def on_fit_start(self) -> None:
         gen = torch.Generator(device=self.device)
@@ -409,7 +412,9 @@ class RetrievalModule(L.LightningModule):
                            "their captions; limit_*_batches < 1): not comparable with whole-split numbers")
         metric.reset()
         # Every rank computed the same numbers from gathered features: no further reduction.
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items() if k != "rsum"})
+        # A protocol's eccv/<name> is logged as test_eccv/<name>.
+        self.log_dict({f"{stage}_{k}" if "/" in k else f"{stage}/{k}": float(v) for k, v in scores.items()
+                       if k != "rsum"})
         self.log(f"{stage}/rsum", float(scores["rsum"]), prog_bar=True)
         if fold_scores:
             self.log_dict({f"test_1k/{k}": float(v) for k, v in fold_scores.items()})

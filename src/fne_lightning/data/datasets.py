@@ -48,6 +48,9 @@ class CaptionSplit:
     #: (P, 2) int64 (image index, caption index) pairs that truly match beyond the ground
     #: truth (FNE_SPEC section 10), or None when the dataset declares none.
     positive_pairs: np.ndarray | None = None
+    #: The annotations' id of each caption (Karpathy ``sentid``), where the format has one; maps
+    #: the captions of a published protocol's files onto the split (empty otherwise).
+    caption_keys: list[str] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -157,7 +160,8 @@ def _karpathy_split(images: list, annotations: Path, image_root: Path, splits: S
         keys.append(str(imgid))
     if not paths:
         raise FNEError(f"{key}.annotations={str(annotations)!r}: no images in split(s) {list(splits)}")
-    split = CaptionSplit(name, paths, _clean_all(captions, clean, where), np.asarray(t2i, np.int64), keys)
+    split = CaptionSplit(name, paths, _clean_all(captions, clean, where), np.asarray(t2i, np.int64), keys,
+                         caption_keys=[str(s) for s in sentids] if all(s >= 0 for s in sentids) else [])
     if raw_positives is not None:
         split.positive_pairs = positive_pairs(raw_positives, pos_file, keys, sentids)
     return split
@@ -351,7 +355,8 @@ def drop_images(split: CaptionSplit, drop: set[int], key: str = "data") -> Capti
         pairs = pairs[(pairs >= 0).all(1)]
     return CaptionSplit(split.name, [split.image_paths[i] for i in keep], [split.captions[j] for j in kept_text],
                         new_image[split.text_to_image[kept_text]],
-                        [split.image_keys[i] for i in keep] if split.image_keys else [], pairs)
+                        [split.image_keys[i] for i in keep] if split.image_keys else [], pairs,
+                        [split.caption_keys[j] for j in kept_text] if split.caption_keys else [])
 
 
 def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:

@@ -21,7 +21,7 @@ The ranking itself is pure PyTorch in :mod:`fne_lightning.retrieval.ranking` (``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from fne_lightning.errors import FNEError
 from fne_lightning.retrieval.ranking import coco_1k_scores, retrieval_scores
+
+if TYPE_CHECKING:
+    from fne_lightning.retrieval.protocols import EccvProtocol
 
 
 def _unique_by_index(features: Tensor, indices: Tensor, expected: int, modality: str) -> Tensor:
@@ -87,6 +90,7 @@ class RetrievalMetric(Metric):
         text_to_image: Tensor,
         positive_pairs: Tensor | None = None,
         chunk_size: int | None = None,
+        protocol: EccvProtocol | None = None,
         **kwargs: Any,
     ) -> None:
         """Set the targets of the split to be scored.
@@ -95,24 +99,29 @@ class RetrievalMetric(Metric):
             text_to_image: (N_txt,) int64 image index of each caption (dataset index space).
             positive_pairs: optional (P, 2) (image index, caption index) extra positives.
             chunk_size: passed to :func:`retrieval_scores`.
+            protocol: optional published protocol on the split, passed to
+                :func:`retrieval_scores` (its keys are ``<protocol>/<name>``).
             **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``compute_on_cpu``).
         """
         super().__init__(**kwargs)
         self.chunk_size = chunk_size
-        self.set_targets(text_to_image, positive_pairs)
+        self.set_targets(text_to_image, positive_pairs, protocol)
         for modality in ("image", "text"):
             self.add_state(f"{modality}_features", default=[], dist_reduce_fx="cat")
             self.add_state(f"{modality}_indices", default=[], dist_reduce_fx="cat")
 
-    def set_targets(self, text_to_image: Tensor, positive_pairs: Tensor | None = None) -> None:
+    def set_targets(self, text_to_image: Tensor, positive_pairs: Tensor | None = None,
+                    protocol: EccvProtocol | None = None) -> None:
         """Replace the ground truth (e.g. when the evaluation split changes).
 
         Args:
             text_to_image: (N_txt,) image index of each caption.
             positive_pairs: optional (P, 2) (image index, caption index) extra positives.
+            protocol: optional published protocol on the split (scored by :meth:`compute`).
         """
         self.text_to_image = text_to_image.detach().long()  # (N_txt,)
         self.positive_pairs = None if positive_pairs is None else positive_pairs.detach().long()  # (P, 2)
+        self.protocol = protocol
         # Every image has >= 1 caption, so the largest index names the last image.
         self.num_images = int(self.text_to_image.max()) + 1 if self.text_to_image.numel() else 0
 
@@ -207,10 +216,12 @@ class RetrievalMetric(Metric):
         """Scores of the whole split: the features deduplicated, ordered by index and ranked.
 
         Returns:
-            The dict of Python floats of :func:`retrieval_scores`.
+            The dict of Python floats of :func:`retrieval_scores`, with the protocol's
+            ``<protocol>/<name>`` keys when one is set.
 
         Raises:
             FNEError: some image or caption of the split was never added.
         """
         images, texts = self._features()
-        return retrieval_scores(images, texts, self.text_to_image, self.positive_pairs, chunk_size=self.chunk_size)
+        return retrieval_scores(images, texts, self.text_to_image, self.positive_pairs, chunk_size=self.chunk_size,
+                                protocol=self.protocol)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from fne_lightning.errors import FNEError
+
+if TYPE_CHECKING:
+    from fne_lightning.retrieval.protocols import EccvProtocol
 
 # A chunk of S holds at most this many fp32 elements (1 GiB): COCO-5K (5,000 x 25,000) is one
 # chunk, a 100k x 500k gallery is ~190 chunks and never exists as a whole.
@@ -264,6 +267,7 @@ def retrieval_scores(
     text_to_image: Tensor,
     positive_pairs: Tensor | None = None,
     chunk_size: int | None = None,
+    protocol: EccvProtocol | None = None,
 ) -> dict[str, float]:
     """Retrieval scores of a split's features (FNE_SPEC sections 9-10), in percent except medr/meanr.
 
@@ -287,12 +291,18 @@ def retrieval_scores(
             (Musgrave et al. 2020) and any-positive R@K for both directions.
         chunk_size: images per chunk of the similarity matrix (at most; chunks are split
             evenly). Default: as many as keep a chunk <= 2**28 fp32 elements.
+        protocol: optional published protocol on this split
+            (:class:`~fne_lightning.retrieval.protocols.EccvProtocol`): adds its metrics, computed
+            from the same matrix and ground-truth ranks in the same pass. It needs the whole
+            matrix at once: with several chunks it is computed a second time, whole.
 
     Returns:
         A dict of Python floats by name. ``i2t_r1``, ``i2t_r5``, ``i2t_r10`` (R@K, percent),
         ``i2t_medr`` and ``i2t_meanr`` (median and mean rank, 1-based), the same for ``t2i``,
-        ``rsum`` (the sum of the six R@K), and with ``positive_pairs`` also
-        ``{i2t,t2i}_{rprecision,map_at_r,any_r1,any_r5,any_r10}`` (percent).
+        ``rsum`` (the sum of the six R@K), with ``positive_pairs`` also
+        ``{i2t,t2i}_{rprecision,map_at_r,any_r1,any_r5,any_r10}`` (percent), and with
+        ``protocol`` its keys, each named ``<protocol>/<name>`` (``eccv/i2t_map_at_r``, ...: see
+        :func:`~fne_lightning.retrieval.protocols.protocol_scores`).
 
     Raises:
         ValueError: features or indices of the wrong shape or dtype, no image or no caption, or
@@ -311,16 +321,25 @@ def retrieval_scores(
         raise FNEError(f"chunk_size={chunk_size!r}: expected a positive number of images")
     bounds = _row_bounds(n_img, rows)
 
-    on_chunk = None
+    hooks: list[Callable[[int, Tensor], None]] = []
     if pairs is not None:
         i2t_pos, t2i_pos = PositiveAccumulator(pairs, 0, n_img), PositiveAccumulator(pairs, 1, n_txt)
 
-        def on_chunk(start: int, scores: Tensor) -> None:
+        def positives_hook(start: int, scores: Tensor) -> None:
             i2t_pos.add(start, scores)
             if len(bounds) == 1:  # all of S is here: the caption queries are its columns
                 t2i_pos.add(0, scores.T)
 
-    i2t, t2i = _ground_truth_ranks(images, texts, gt, bounds, on_chunk)
+        hooks.append(positives_hook)
+    whole: list[Tensor] = []  # S, kept for the protocol when it is one chunk
+    if protocol is not None and len(bounds) == 1:
+        hooks.append(lambda start, scores: whole.append(scores))
+
+    def on_chunk(start: int, scores: Tensor) -> None:
+        for hook in hooks:
+            hook(start, scores)
+
+    i2t, t2i = _ground_truth_ranks(images, texts, gt, bounds, on_chunk if hooks else None)
     out = {**_summary("i2t", i2t), **_summary("t2i", t2i)}
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in HIT_KS)
     if pairs is not None:
@@ -330,6 +349,17 @@ def retrieval_scores(
                 t2i_pos.add(start, texts[start : start + step] @ images.T)  # (c, N_img)
         out.update(i2t_pos.result("i2t"))
         out.update(t2i_pos.result("t2i"))
+    if protocol is not None:
+        from fne_lightning.retrieval.protocols import protocol_scores
+
+        reuse = None
+        if whole:  # the ranks above come from this very matrix: the protocol reuses them
+            captions = torch.arange(n_txt, device=gt.device)
+            reuse = {"i2t": (torch.stack([gt, captions], 1), i2t), "t2i": (torch.stack([captions, gt], 1), t2i)}
+            scores = whole.pop()
+        else:
+            scores = images @ texts.T  # (N_img, N_txt)
+        out.update(protocol_scores(scores, protocol, reuse))
     return out
 
 

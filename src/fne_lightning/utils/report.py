@@ -74,6 +74,54 @@ def format_markdown(metrics: Mapping[str, float], prefix: str = "test", title: s
     return "\n".join(out) + "\n"
 
 
+# Published protocols (keys <stage>_<protocol>/<dir>_<metric>) and the columns of their table.
+PROTOCOLS = (("eccv", "ECCV Caption"), ("cxc", "CxC"), ("coco5k", "COCO 5K"), ("coco1k", "COCO 1K"))
+PROTOCOL_COLUMNS = (("map_at_r", "mAP@R"), ("rprecision", "R-P"), ("r1", "R@1"), ("r5", "R@5"), ("r10", "R@10"))
+
+
+def protocol_rows(metrics: Mapping[str, float], stage: str = "test",
+                  title: str = "eccv_caption protocols") -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the published protocols' table: one row per protocol and direction
+    (``ECCV Caption i2t``, ...) with mAP@R, R-P, R@1, R@5, R@10, ``-`` where a protocol has none.
+
+    Args:
+        metrics: metrics with keys ``<stage>_<protocol>/<dir>_<metric>`` (``test_eccv/i2t_r1``).
+        stage: the stage (``test``).
+        title: the header's first cell.
+
+    Returns:
+        ``(header, rows)``; no rows when ``metrics`` has no protocol keys.
+    """
+    header = [title] + [name for _, name in PROTOCOL_COLUMNS]
+    rows = []
+    for proto, label in PROTOCOLS:
+        for d, _ in DIRECTIONS:
+            values = [metrics.get(f"{stage}_{proto}/{d}_{k}") for k, _ in PROTOCOL_COLUMNS]
+            if any(v is not None for v in values):
+                rows.append([f"{label} {d}"] + [_fmt(v) for v in values])
+    return header, rows
+
+
+def format_protocol_table(metrics: Mapping[str, float], stage: str = "test", markdown: bool = False) -> str:
+    """The published protocols' table of :func:`protocol_rows`, fixed-width text or Markdown
+    (empty when ``metrics`` has no protocol keys).
+
+    Args:
+        metrics: as for :func:`protocol_rows`.
+        stage: as for :func:`protocol_rows`.
+        markdown: a Markdown table instead of text.
+    """
+    header, rows = protocol_rows(metrics, stage)
+    if not rows:
+        return ""
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    line = lambda r: "  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+    return "\n".join([line(header), "-" * len(line(header))] + [line(r) for r in rows])
+
+
 # Training numbers shown by `print_summary` when present: (key, label, format).
 RUN_KEYS = (("val/rsum_best", "best val rsum", "number"),
             ("fne/sampled_fn_rate", "sampled negatives that truly match", "rate"),
@@ -92,8 +140,8 @@ def print_summary(metrics: Mapping[str, float], files: Mapping[str, object] | No
                   prefix: str | None = "test", title: str | None = None, console: object | None = None) -> None:
     """Print a run's end-of-run summary with rich.
 
-    The retrieval table of ``prefix`` (the columns of :func:`format_table`, then rsum), the
-    training numbers of ``RUN_KEYS`` that ``metrics`` has (last epoch's averages: the
+    The retrieval table of ``prefix`` (the columns of :func:`format_table`, then rsum) and, when
+    ``metrics`` has them, the published protocols' (:func:`protocol_rows`), the training numbers of ``RUN_KEYS`` that ``metrics`` has (last epoch's averages: the
     false-negative rates, the flagged share and precision, the posterior's AUC, ...), and the
     run's files.
 
@@ -122,6 +170,14 @@ def print_summary(metrics: Mapping[str, float], files: Mapping[str, object] | No
         for row in rows:
             table.add_row(*row)
         console.print(table)
+        header, rows = protocol_rows(metrics, prefix)
+        if rows:  # published protocols (data.protocol)
+            table = Table(title_justify="left")
+            for i, name in enumerate(header):
+                table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
     run = Table(show_header=False, box=None)
     run.add_column(style="bold", no_wrap=True)
     run.add_column(overflow="fold")
