@@ -138,8 +138,16 @@ def protocol_data(dim: int, seed: int = 0, noise: float = 0.3) -> tuple[Tensor, 
         caption_index[c] = len(text_to_image)
         text_to_image.append(i)
     text_to_image = torch.tensor(text_to_image + ([text_to_image[-1]] if text_to_image[-1] in sixth else []))
-    images = F.normalize(torch.randn(len(image_ids), dim, generator=gen), dim=1)  # (N_img, D)
-    # Each caption: its image, plus every image the protocol's files list it as a positive of.
+    images, texts = protocol_features(files, image_index, caption_index, text_to_image, dim, noise, gen)
+    return images, texts, text_to_image, build_eccv_protocol(files, image_index, caption_index)
+
+
+def protocol_features(files: object, image_index: dict[int, int], caption_index: dict[int, int],
+                      text_to_image: Tensor, dim: int, noise: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Features with the protocol's structure (also tests/test_protocols.py's): random unit images;
+    a caption is its image, plus every image the protocol's files (CxC, ECCV) list it as a positive
+    of, plus noise, so that every metric is far from 0 and 1. Returns (N_img, D) and (N_txt, D)."""
+    images = F.normalize(torch.randn(len(image_index), dim, generator=gen), dim=1)  # (N_img, D)
     pairs = {(image_index[i], caption_index[c]) for name in ("cxc/t2i", "eccv/t2i")
              for c, ims in files.positives[name].items() for i in ims}
     pairs |= {(image_index[i], caption_index[c]) for name in ("cxc/i2t", "eccv/i2t")
@@ -149,7 +157,7 @@ def protocol_data(dim: int, seed: int = 0, noise: float = 0.3) -> tuple[Tensor, 
     mix = torch.zeros(len(text_to_image), dim).index_add_(0, pairs[:, 1], images[pairs[:, 0]])
     texts = F.normalize(images[text_to_image] + mix + noise * torch.randn(len(text_to_image), dim, generator=gen),
                         dim=1)
-    return images, texts, text_to_image, build_eccv_protocol(files, image_index, caption_index)
+    return images, texts
 
 
 def protocol_main(args: argparse.Namespace, device: torch.device) -> None:

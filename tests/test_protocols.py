@@ -14,7 +14,9 @@ protocol, since what is a positive differs between protocols.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,19 @@ from fne_lightning.retrieval.ranking import retrieval_scores
 from helpers import compose_task, run_entry_point
 
 eccv_caption = pytest.importorskip("eccv_caption")
+
+
+def _bench_eval():
+    """benchmarks/bench_eval.py, whose structured protocol features this test shares."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval.py"
+    spec = importlib.util.spec_from_file_location("bench_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_eval"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH_EVAL = _bench_eval()
 
 KS = (1, 5, 10)
 PROTOCOL_KEYS = {  # our key (without direction) -> the package's name
@@ -143,16 +158,7 @@ def coco5k_split(files: object, seed: int = 0, dim: int = 64, noise: float = 0.3
     owner = files.positives["coco5k/t2i"]
     extra = torch.randint(len(image_ids), (10,), generator=gen)
     text_to_image = torch.cat([torch.tensor([image_index[owner[c][0]] for c in caption_ids]), extra])
-    images = F.normalize(torch.randn(len(image_ids), dim, generator=gen), dim=1)
-    pairs = {(image_index[i], caption_index[c]) for name in ("cxc/t2i", "eccv/t2i")
-             for c, ims in files.positives[name].items() for i in ims}
-    pairs |= {(image_index[i], caption_index[c]) for name in ("cxc/i2t", "eccv/i2t")
-              for i, cs in files.positives[name].items() for c in cs if c in caption_index}
-    pairs = torch.tensor(sorted(pairs))
-    pairs = pairs[text_to_image[pairs[:, 1]] != pairs[:, 0]]
-    mix = torch.zeros(len(text_to_image), dim).index_add_(0, pairs[:, 1], images[pairs[:, 0]])
-    texts = F.normalize(images[text_to_image] + mix + noise * torch.randn(len(text_to_image), dim, generator=gen),
-                        dim=1)
+    images, texts = BENCH_EVAL.protocol_features(files, image_index, caption_index, text_to_image, dim, noise, gen)
     return images, texts, text_to_image, image_index, caption_index
 
 
