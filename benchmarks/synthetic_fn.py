@@ -17,6 +17,7 @@ against ``vsepp`` and against the published ``fne`` (per-seed paired differences
 interrupted benchmark resumes.
 
     python benchmarks/synthetic_fn.py --seeds 0 1 2 3 4       # docs: results/synthetic-fn (35-45 min on 2 cores)
+    python benchmarks/synthetic_fn.py --density high --jobs 2  # issue 31's study at one density, 2 runs at once
     python benchmarks/synthetic_fn.py --seeds 0 --smoke        # tiny data, 1 epoch each: checks it runs
     python benchmarks/synthetic_fn.py --rebase benchmarks/results/synthetic_fn_2026-12-02_cpu-2core.json
                                           # no runs: the stored result's variants against fne
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_name.py beside this script
@@ -53,6 +55,12 @@ METHODS = {
     "infonce": ["loss=infonce"],
     "infonce_fne": ["loss=infonce", "loss.false_negatives=fne", "loss.memory_size=1024"],
     "infonce_distill": ["loss=infonce", "loss.false_negatives=distill"],
+    # FNE's posterior with the candidates' base rate estimated (a mixture fitted online) instead of the
+    # published prior of 1e-4: weighting the denominator, or attracting by each negative's expected
+    # label, p_fn (the posterior's counterpart of infonce_attract; in-batch, as that oracle is).
+    "infonce_fne_estimated": ["loss=infonce", "loss.false_negatives=fne", "loss.prior=estimated"],
+    "infonce_fne_attract": ["loss=infonce", "loss.false_negatives=fne", "loss.prior=estimated",
+                            "loss.fne_action=attract"],
     "siglip": ["loss=siglip"],
     "siglip_fne": ["loss=siglip", "loss.false_negatives=fne"],
     # Oracles: the declared true matches, each bounding its own family's selection rule.
@@ -71,7 +79,8 @@ FAMILY = {m: "infonce" if m.startswith("infonce") else "siglip" if m.startswith(
 ORACLES = {m for m in METHODS if m.endswith(("_oracle", "_attract"))}
 # The study of issue 31: every plain baseline, every false-negative method, every oracle.
 STUDY = ["vsepp", "fne", "fne_online", "fne_online_queue", "vsepp_oracle", "fne_oracle", "infonce", "infonce_fne",
-         "infonce_distill", "infonce_oracle", "infonce_attract", "siglip", "siglip_fne", "siglip_oracle"]
+         "infonce_distill", "infonce_fne_estimated", "infonce_fne_attract", "infonce_oracle", "infonce_attract",
+         "siglip", "siglip_fne", "siglip_oracle"]
 DENSITIES = ("low", "medium", "high")
 SMOKE = ["data.num_train=64", "data.num_val=16", "data.num_test=16", "data.batch_size=32"]
 PRETRAIN = ["experiment=synthetic", "loss=vse0", "test=false"]
@@ -92,12 +101,20 @@ PAIRED = ("test_rsum", "map_at_r", "rprecision", "any_r1", "sampled_fn_rate")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+class RunFailed(RuntimeError):
+    """A training or export subprocess exited non-zero (its stderr's tail is the message)."""
+
+
+# Torch threads of each subprocess: the machine's cores shared by the runs going at once (--jobs).
+THREADS: dict[str, str] = {}
+
+
 def entry_point(module: str, args: list[str], what: str) -> None:
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", f"fne_lightning.{module}", *args], capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **THREADS})
     if proc.returncode != 0:
-        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
+        raise RunFailed(f"{what} failed:\n{proc.stderr[-3000:]}")
     print(f"# {what}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -118,8 +135,48 @@ def finetune(method: str, seed: int, export: Path, out: Path, extra: list[str]) 
     if not metrics_file.is_file():
         entry_point("train", ["experiment=synthetic_finetune", f"model.name=local-dir:{export.resolve()}",
                               *METHODS[method], f"seed={seed}", f"hydra.run.dir={run_dir}",
-                              "trainer.enable_progress_bar=false", *extra], f"{method} seed {seed}")
+                              "trainer.enable_progress_bar=false", "figures.enabled=false", *extra],
+                    f"{method} seed {seed}")
     return json.loads(metrics_file.read_text())
+
+
+def run_study(seeds: list[int], methods: list[str], out: Path, extra: list[str], fine_extra: list[str],
+              epochs: int, jobs: int) -> dict[str, dict[int, dict[str, float]]]:
+    """Every seed's pretrained start, then every (seed, method) fine-tune, ``jobs`` subprocesses at
+    a time (each run is a process of its own, so runs at once only share the cores: each gets
+    ``cores // jobs`` torch threads unless OMP_NUM_THREADS is set). Seeds come first in the queue,
+    so an interrupted study has whole seeds to compare."""
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        THREADS["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        exports = dict(zip(seeds, pool.map(lambda s: pretrained(s, out, extra, epochs), seeds), strict=True))
+        runs = {(m, s): pool.submit(finetune, m, s, exports[s], out, fine_extra) for s in seeds for m in methods}
+        return {m: {s: runs[(m, s)].result() for s in seeds} for m in methods}
+    finally:  # after a failure, the runs not yet started are dropped; those running finish
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def first_epoch(out: Path, seeds: list[int], method: str = "infonce") -> dict[str, float] | None:
+    """How dense the false negatives are when fine-tuning starts: the first epoch's mean share of
+    in-batch negatives that truly match (``fn_base_rate``) and of hardest in-batch negatives that
+    do (``hardest_fn_rate``), averaged over the seeds' ``method`` runs (their ``csv/metrics.csv``;
+    plain InfoNCE logs both and changes no candidate). None if no run of it logged them."""
+    import csv
+
+    found: dict[str, list[float]] = {"fn_base_rate": [], "hardest_fn_rate": []}
+    for seed in seeds:
+        log = out / method / f"seed{seed}" / "csv" / "metrics.csv"
+        if not log.is_file():
+            continue
+        rows = [r for r in csv.DictReader(log.open()) if r.get("epoch") == "0"]
+        for name, values in found.items():
+            epoch = [float(r[f"fne/{name}_epoch"]) for r in rows if r.get(f"fne/{name}_epoch")]
+            values.extend(epoch[:1])
+    if not all(found.values()):
+        return None
+    return {"method": method, "seeds": len(found["fn_base_rate"]),
+            **{name: round(100 * statistics.fmean(v), 2) for name, v in found.items()}}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -302,6 +359,8 @@ def main() -> None:
     parser.add_argument("--density", choices=DENSITIES, default=None,
                         help="data.fn_density of every run; its runs go to <out>/<density>")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_synthetic_fn"))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each a subprocess with cores/jobs torch threads (2 on 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch per phase (checks the script runs)")
     parser.add_argument("--rebase", type=Path, metavar="JSON",
                         help="no runs: print the paired table against fne from a stored synthetic_fn.json")
@@ -329,11 +388,12 @@ def main() -> None:
     out = args.out / args.density if args.density else args.out
     extra = (SMOKE if args.smoke else []) + ([f"data.fn_density={args.density}"] if args.density else []) + args.overrides
     fine_extra = extra + (["trainer.max_epochs=1"] if args.smoke else [])
-    results: dict[str, dict[int, dict[str, float]]] = {m: {} for m in methods}
-    for seed in args.seeds:  # seed by seed: an interrupted benchmark has whole seeds to compare
-        export = pretrained(seed, out, extra, epochs=1 if args.smoke else 10)
-        for method in methods:
-            results[method][seed] = finetune(method, seed, export, out, fine_extra)
+    if args.jobs < 1:
+        sys.exit(f"--jobs: expected a positive number of runs at once, got {args.jobs}")
+    try:
+        results = run_study(args.seeds, methods, out, extra, fine_extra, 1 if args.smoke else 10, args.jobs)
+    except RunFailed as err:
+        sys.exit(str(err))
     rows = summarise(results)
     # Against each family's plain baseline, the best plain baseline overall, and the published rule.
     by_family = [p for base in FAMILIES.values() if base in results for p in paired(results, base)
@@ -342,6 +402,7 @@ def main() -> None:
     pairs_best = paired(results, best) if best else []
     pairs_fne = paired(results, "fne") if "fne" in results and not args.density else []
     shares, verdict = headroom(results), bar(results, args.density or "low") if args.density else []
+    start = first_epoch(out, args.seeds)
     for row in [*rows, *by_family, *pairs_best, *pairs_fne, *shares]:
         print(json.dumps(row))
     table = markdown(rows, by_family, pairs_best, pairs_fne)
@@ -350,6 +411,10 @@ def main() -> None:
                   + "".join(f"| {h['method']} | {h['oracle']} | {h['map_at_r']} | {h['test_rsum']} |\n" for h in shares))
     if verdict:
         table += "\n" + "\n".join(f"- {line}" for line in verdict) + "\n"
+    if start:
+        table += (f"\nFirst epoch of fine-tuning ({start['method']}, {start['seeds']} seeds): "
+                  f"{start['fn_base_rate']:.2f}% of in-batch negatives truly match; the hardest is a true "
+                  f"match {start['hardest_fn_rate']:.2f}% of the time.\n")
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
     # Named by date and machine (results_name.py), ready to be copied into benchmarks/results/.
@@ -358,7 +423,7 @@ def main() -> None:
     (out / result_name(stem, "json")).write_text(json.dumps(
         {"density": args.density, "seeds": args.seeds, "methods": rows, "paired": by_family,
          "best_baseline": best, "paired_best": pairs_best, "paired_fne": pairs_fne, "headroom": shares,
-         "bar": verdict}, indent=1))
+         "bar": verdict, "first_epoch": start}, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -98,3 +99,19 @@ def test_oracle_headroom_share_and_the_bar_against_a_hand_computation(synthetic_
     # The same +0.7 on every seed: a zero-width interval above zero, on R-Precision too (+0.7).
     assert line.startswith("high: fne beats the best plain baseline (vsepp) on mAP@R +0.70 [+0.70, +0.70]")
     assert line.endswith("share of its family's oracle headroom on mAP@R: 0.70")
+
+
+def test_a_failed_run_stops_the_study_with_its_error_and_writes_no_result(tmp_path: Path) -> None:
+    """Two runs at once (--jobs 2): a run that fails stops the study with the run's own error, the
+    runs not started are dropped, and no summary is written as if the study had finished."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--density", "high", "--seeds", "0", "1", "--jobs", "2",
+                           "--smoke", "--methods", "vsepp", "--out", str(tmp_path), "loss.no_such_key=1"],
+                          capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode != 0
+    assert "pretrain seed " in proc.stderr and "failed:" in proc.stderr
+    assert "loss.no_such_key" in proc.stderr  # the run's own error, not a traceback of the pool
+    assert not list(tmp_path.rglob("synthetic_fn_*.json")) and not list(tmp_path.rglob("metrics.json"))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--jobs", "0", "--out", str(tmp_path)], capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "--jobs: expected a positive number of runs at once, got 0"

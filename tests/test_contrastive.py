@@ -25,6 +25,7 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 
 from fne_lightning.errors import FNEError
+from fne_lightning.fne.contrastive import expected_targets, id_targets
 from fne_lightning.losses import FNELoss, InfoNCELoss, SigLIPLoss, VSELoss
 from fne_lightning.models.encoders import DualEncoder
 from fne_lightning.module import RetrievalModule
@@ -148,7 +149,8 @@ class Entry:
 
 @dataclass
 class Rule:
-    """What to do with a negative: ``none``, ``oracle`` (eliminate/attract) or ``fne``."""
+    """What to do with a negative: ``none``, ``oracle`` (eliminate/attract) or ``fne``
+    (eliminate: weights; attract: soft labels)."""
 
     fn: str = "none"
     action: str = "eliminate"
@@ -157,7 +159,8 @@ class Rule:
     cut_at: float | None = None  # fne cut-down: remove negatives scoring <= this
 
     def apply(self, s: float, true: bool) -> tuple[str, float]:
-        """('keep', log-weight), ('remove', 0) or ('attract', 0) for a negative of score s."""
+        """('keep', log-weight), ('remove', 0), ('attract', 0) or ('soft', its label p_fn) for a
+        negative of score s."""
         if self.fn == "oracle" and true:
             return ("remove" if self.action == "eliminate" else "attract"), 0.0
         if self.fn == "fne" and self.post is not None:
@@ -165,6 +168,8 @@ class Rule:
                 return "remove", 0.0
             if self.cut_at is not None and s <= self.cut_at:
                 return "remove", 0.0
+            if self.action == "attract":
+                return "soft", self.post.p(s)
             return "keep", self.post.log_keep(s)
         return "keep", 0.0
 
@@ -189,17 +194,20 @@ def infonce_direction(anchors: Tensor, cands: Tensor, anchor_img: list[int], can
             positive = j == i if same_image == "mask" else same
             entry = Entry(float(anchors[i].detach() @ cands[j].detach()), not same, truth(i, j))
             row.append(entry)
-            log_w = 0.0
+            log_w, label = 0.0, 0.0
             if not same:
-                what, log_w = rule.apply(entry.s, entry.true)
+                what, value = rule.apply(entry.s, entry.true)
                 if what == "remove":
                     continue
                 if what == "attract":
                     positive, entry.negative = True, False
+                elif what == "soft":
+                    label = value  # its expected label under the posterior
                 elif rule.fn == "fne" and rule.post is not None:
+                    log_w = value
                     entry.weight = math.exp(log_w)
             logits.append(scale * (anchors[i] @ cands[j]) + log_w)
-            targets.append(1.0 if positive else 0.0)
+            targets.append(1.0 if positive else label)
             kept.append(entry)
             if alpha is not None:
                 momentum.append(float(scale.detach()) * float(m_anchors[i] @ m_cands[j]))
@@ -257,18 +265,21 @@ def ref_siglip(v: Tensor, t: Tensor, ids: Tensor, tids: Tensor, pairs: set, log_
             same = ids[i] == ids[j]
             entry = Entry(float(v[i].detach() @ t[j].detach()), not same, (ids[i], tids[j]) in pairs)
             row.append(entry)
-            label, weight = (1.0 if same else -1.0), 1.0
+            label, weight = (1.0 if same else 0.0), 1.0  # the probability that the pair matches
             if not same:
-                what, log_w = rule.apply(entry.s, entry.true)
-                weight = 0.0 if what == "remove" else math.exp(log_w)
+                what, value = rule.apply(entry.s, entry.true)
+                if what == "soft":
+                    label = value
+                else:
+                    weight = 0.0 if what == "remove" else math.exp(value)
                 if what == "attract":
                     label, weight, entry.negative = 1.0, 1.0, False
                 elif rule.fn == "fne" and rule.post is not None and what == "keep":
                     entry.weight = weight
             logit = scale * (v[i] @ t[j]) + bias
             entry.push = weight * float(torch.sigmoid(logit.detach()))
-            if weight:
-                total = total - weight * F.logsigmoid(label * logit)
+            if weight:  # binary cross-entropy with the label
+                total = total - weight * (label * F.logsigmoid(logit) + (1 - label) * F.logsigmoid(-logit))
         rows.append(row)
     return total / v.shape[0], rows
 
@@ -445,7 +456,8 @@ def test_infonce_queue_of_momentum_features_needs_them() -> None:
         loss(b["v"], b["t"], b["ids"], b["tids"])
 
 
-def ready_fne(cls, b: dict[str, Tensor], exclude: str | None, cutdown: float | None, **kwargs):
+def ready_fne(cls, b: dict[str, Tensor], exclude: str | None, cutdown: float | None, action: str = "eliminate",
+              **kwargs):
     """A loss with ``false_negatives=fne`` whose Gaussians are ready at its first step (fitted on
     the batch's confident pairs as forward does first), the reference posterior and rule.
     ``exclude``: ``below`` / ``above``: just below / above the largest p_fn of a negative (the
@@ -459,9 +471,9 @@ def ready_fne(cls, b: dict[str, Tensor], exclude: str | None, cutdown: float | N
     assert 0.5 < top < 0.99
     value = None if exclude is None else top + (1e-4 if exclude == "above" else -1e-4)
     loss = cls(embed_dim=D, false_negatives="fne", min_pos_samples=1, match_prior=0.05, exclude=value,
-               cutdown=cutdown, **kwargs)
+               cutdown=cutdown, fne_action=action, **kwargs)
     cut_at = None if cutdown is None else post.pos_mean - cutdown
-    return loss, post, Rule("fne", post=post, exclude=value, cut_at=cut_at)
+    return loss, post, Rule("fne", action, post=post, exclude=value, cut_at=cut_at)
 
 
 FNE_CASES = [(None, None), ("below", None), ("above", None), (None, 0.25)]
@@ -485,6 +497,36 @@ def test_infonce_fne_weights_negatives_by_one_minus_p_fn_once_ready(exclude, cut
     assert (min(kept_weights(rows_i2t, rows_t2i)) < 0.5) == (exclude != "below")
     assert (removed(rows_i2t, rows_t2i) > 0) == (exclude == "below" or cutdown is not None)
     check_diagnostics(diag, [truth_diagnostics(rows_i2t, post), truth_diagnostics(rows_t2i, post)])
+
+
+@pytest.mark.parametrize("cutdown", [None, 0.25])
+@pytest.mark.parametrize("same_image", ["target", "mask"])
+def test_infonce_fne_attract_targets_each_negatives_expected_label(cutdown, same_image: str) -> None:
+    """``fne_action=attract``: a negative's target is its p_fn (normalised with the positives' 1s),
+    nothing is weighted; as the loop computes it, values and gradients."""
+    world = World()
+    b = world.batch(IDS)
+    loss, post, rule = ready_fne(InfoNCELoss, b, None, cutdown, "attract", same_image=same_image)
+    world.declare(loss)
+    _, diag, (_, rows_i2t, rows_t2i) = run_infonce(loss, b, world, rule=rule, same_image=same_image)
+    check_diagnostics(diag, [truth_diagnostics(rows_i2t, post), truth_diagnostics(rows_t2i, post)])
+    # Not a vacuous parity: the near-duplicates get real targets (p_fn > 0.5 seen in ready_fne), so
+    # the loss differs from the plain one and from the weighting rule's.
+    eliminate, _, _ = ready_fne(InfoNCELoss, b, None, cutdown, same_image=same_image)
+    plain = InfoNCELoss(embed_dim=D, same_image=same_image)
+    for other in (eliminate, plain):
+        assert abs(value_of(other, b) - value_of(loss, b)) > 1e-3
+
+
+def test_expected_targets_of_the_truth_are_the_attracting_oracles() -> None:
+    """With the 0/1 truth as p_fn, the posterior's targets are the id targets of the positives and
+    the true matches together; with p_fn between, each candidate's share is its label over the sum."""
+    positive = torch.tensor([[True, False, False, False], [False, True, True, False]])
+    truth = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    torch.testing.assert_close(expected_targets(positive, truth), id_targets(positive | truth.bool()))
+    soft = torch.tensor([[0.0, 0.5, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(expected_targets(positive, soft),
+                               torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.0, 0.5, 0.5, 0.0]]))
 
 
 def test_infonce_fne_estimated_prior_is_one_em_step_computed_here() -> None:
@@ -631,6 +673,20 @@ def test_siglip_fne_weights_negative_terms_by_one_minus_p_fn(exclude, cutdown) -
     assert (min(kept_weights(rows)) < 0.5) == (exclude != "below")
     assert (removed(rows) > 0) == (exclude == "below" or cutdown is not None)
     check_diagnostics(diag, [truth_diagnostics(rows, post)])
+
+
+@pytest.mark.parametrize("cutdown", [None, 0.25])
+def test_siglip_fne_attract_labels_each_negative_with_its_p_fn(cutdown) -> None:
+    """``fne_action=attract``: a negative's label is its p_fn (the expected binary cross-entropy),
+    nothing is weighted; as the loop computes it."""
+    world = World()
+    b = world.batch(IDS)
+    loss, post, rule = ready_fne(SigLIPLoss, b, None, cutdown, "attract", temperature=0.2, bias=-2.0)
+    world.declare(loss)
+    diag, rows = run_siglip(loss, b, world, rule)
+    check_diagnostics(diag, [truth_diagnostics(rows, post)])
+    eliminate, _, _ = ready_fne(SigLIPLoss, b, None, cutdown, temperature=0.2, bias=-2.0)
+    assert abs(value_of(eliminate, b) - value_of(loss, b)) > 1e-3
 
 
 def test_siglip_fne_estimated_prior_is_one_em_step_computed_here() -> None:
@@ -898,7 +954,9 @@ def test_an_oracle_without_positives_is_refused_naming_its_key(make, key: str) -
                                              (InfoNCELoss, {"queue_features": "ema"}),
                                              (InfoNCELoss, {"alpha": 1.5}), (InfoNCELoss, {"temperature": 0.0}),
                                              (SigLIPLoss, {"false_negatives": "distill"}),
-                                             (SigLIPLoss, {"oracle_action": "ignore"})])
+                                             (SigLIPLoss, {"oracle_action": "ignore"}),
+                                             (InfoNCELoss, {"fne_action": "repel"}),
+                                             (SigLIPLoss, {"exclude": 0.5, "fne_action": "attract"})])
 def test_bad_contrastive_values_name_the_key(cls, kwargs: dict) -> None:
     key = next(iter(kwargs))
     with pytest.raises(FNEError, match=f"loss.{key}"):

@@ -10,6 +10,9 @@ Plain functions of (B, M) anchor-candidate tensors, shared by
 * FNE's posterior as log-weights: a negative's term of the softmax denominator is weighted by
   ``1 - p_fn`` by adding ``log(1 - p_fn) = -softplus(logit p_fn)`` to its logit (exact where p_fn
   saturates), or removed (``-inf``) above ``exclude``;
+* FNE's posterior as targets: each candidate's expected label under the posterior (1 for a
+  positive, ``p_fn`` for a negative), normalised, the posterior's counterpart of the oracle that
+  attracts the true matches;
 * momentum distillation (ALBEF): the targets mix the momentum model's softmax with the id targets;
 * a cross-entropy against soft targets that accepts ``-inf`` logits (removed candidates);
 * what share of the loss's push on negatives falls on true matches (the diagnostic ``fn_mass``).
@@ -37,6 +40,26 @@ def id_targets(positive: Tensor) -> Tensor:
     """
     targets = positive.float()
     return targets / targets.sum(1, keepdim=True).clamp(min=1.0)
+
+
+@torch.no_grad()
+def expected_targets(positive: Tensor, p_match: Tensor) -> Tensor:
+    """Each candidate's expected label under the posterior, normalised per row.
+
+    The label of a positive is 1 and that of a negative is 1 with probability ``p_fn``, so the
+    expected labels are ``positive + p_fn``; spread as :func:`id_targets` spreads the positives' 1s.
+    With ``p_match`` the 0/1 truth of the negatives, this is :func:`id_targets` of the positives and
+    the true matches together (the attracting oracle).
+
+    Args:
+        positive: (B, M) bool, the anchor's positives (at least one per row).
+        p_match: (B, M) ``p_fn`` of each negative, 0 elsewhere.
+
+    Returns:
+        (B, M) float32 rows summing to 1.
+    """
+    labels = positive.float() + p_match
+    return labels / labels.sum(1, keepdim=True).clamp(min=torch.finfo(labels.dtype).tiny)
 
 
 @torch.no_grad()

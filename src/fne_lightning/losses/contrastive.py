@@ -4,7 +4,8 @@
   (Radford et al., ICML 2021), with image-id targets (ALBEF, Li et al., NeurIPS 2021), an optional
   queue of earlier features (MoCo, He et al., CVPR 2020; ALBEF's momentum queue, or XBM's online
   features, Wang et al., CVPR 2020) and one false-negative option: FNE's posterior as weights of
-  the denominator, ALBEF's momentum distillation, or an oracle of the declared true matches.
+  the denominator (or, ``fne_action=attract``, its expected labels as soft targets), ALBEF's
+  momentum distillation, or an oracle of the declared true matches.
 * :class:`SigLIPLoss` (``loss=siglip``): the pairwise sigmoid loss (Zhai et al., ICCV 2023) with
   learnable scale and bias, every pair of the same image positive.
 
@@ -27,6 +28,7 @@ from fne_lightning.errors import check, number
 from fne_lightning.fne.bank import MemoryBank
 from fne_lightning.fne.contrastive import (
     distillation_targets,
+    expected_targets,
     id_targets,
     negative_mass,
     posterior_log_weights,
@@ -42,6 +44,7 @@ from fne_lightning.utils.distributed import all_reduce_sum, gather_no_grad, gath
 
 FALSE_NEGATIVES = ("none", "fne", "distill", "oracle")
 ORACLE_ACTIONS = ("eliminate", "attract")
+FNE_ACTIONS = ("eliminate", "attract")
 SAME_IMAGE = ("target", "mask")
 QUEUE_FEATURES = ("momentum", "online")
 # The triplet margin of a recipe's VSE warm-up epochs (the VSE losses' default).
@@ -72,7 +75,7 @@ class ContrastiveLoss(RetrievalLoss):
                  oracle_action: str = "eliminate", match_prior: float = 1e-4, min_pos_samples: int = 200,
                  prior: str = "fixed", exclude: float | None = None, cutdown: float | None = None,
                  reset_stats_every_epoch: bool = True, gather_batch: bool = True, warmup_epochs: int = 0,
-                 warmup_loss: str = "vse0") -> None:
+                 warmup_loss: str = "vse0", fne_action: str = "eliminate") -> None:
         """Check and keep the shared settings (config keys ``loss.<name>``).
 
         Args:
@@ -102,6 +105,10 @@ class ContrastiveLoss(RetrievalLoss):
                 batch); false: each rank's own batch.
             warmup_epochs: epochs of in-batch VSE (``warmup_loss``) first, as a recipe asks.
             warmup_loss: ``vse0`` or ``vsepp``.
+            fne_action: ``fne``: ``eliminate`` (a negative's term weighted by ``1 - p_fn``, or
+                removed above ``exclude``) or ``attract`` (each negative's expected label under
+                the posterior, ``p_fn``, is its target: the posterior's counterpart of the
+                attracting oracle).
 
         Raises:
             FNEError: a value out of range, naming its ``loss.<name>`` key.
@@ -111,6 +118,9 @@ class ContrastiveLoss(RetrievalLoss):
         check(number(max_logit_scale) and max_logit_scale > 0.0, "loss.max_logit_scale", "a value > 0", max_logit_scale)
         check(false_negatives in FALSE_NEGATIVES, "loss.false_negatives", " | ".join(FALSE_NEGATIVES), false_negatives)
         check(oracle_action in ORACLE_ACTIONS, "loss.oracle_action", " or ".join(ORACLE_ACTIONS), oracle_action)
+        check(fne_action in FNE_ACTIONS, "loss.fne_action", " or ".join(FNE_ACTIONS), fne_action)
+        check(fne_action == "eliminate" or exclude is None, "loss.exclude",
+              "null with loss.fne_action=attract (attraction keeps every candidate)", exclude)
         check(number(match_prior) and 0.0 < match_prior < 1.0, "loss.match_prior", "a value in (0, 1)", match_prior)
         check(isinstance(min_pos_samples, int) and min_pos_samples >= 1, "loss.min_pos_samples", "an integer >= 1",
               min_pos_samples)
@@ -120,7 +130,7 @@ class ContrastiveLoss(RetrievalLoss):
         for key, value in (("learn_scale", learn_scale), ("model_scale", model_scale),
                            ("gather_batch", gather_batch), ("reset_stats_every_epoch", reset_stats_every_epoch)):
             check(isinstance(value, bool), f"loss.{key}", "true or false", value)
-        self.false_negatives, self.oracle_action = false_negatives, oracle_action
+        self.false_negatives, self.oracle_action, self.fne_action = false_negatives, oracle_action, fne_action
         self.match_prior, self.prior, self.exclude, self.cutdown = match_prior, prior, exclude, cutdown
         self.learn_scale, self.model_scale, self.max_logit_scale = learn_scale, model_scale, max_logit_scale
         self.gather_batch, self.reset_stats_every_epoch = gather_batch, reset_stats_every_epoch
@@ -212,14 +222,30 @@ class ContrastiveLoss(RetrievalLoss):
                 return None, extra
             return torch.zeros_like(s).masked_fill(extra, float("-inf")), None
         if self.false_negatives == "fne" and coefficients is not None:
-            log_w = posterior_log_weights(s, coefficients, self.exclude)  # (B, M)
+            if self.fne_action == "attract":  # no weights: the targets attract (_posterior_targets)
+                log_w = torch.zeros_like(s)
+            else:
+                log_w = posterior_log_weights(s, coefficients, self.exclude)  # (B, M)
             if self.cutdown is not None:
-                mean = self.stats.pos_mean
-                log_w = log_w.masked_fill((s <= mean.float() - self.cutdown) & (self.stats.pos_count > 0),
-                                          float("-inf"))
+                log_w = log_w.masked_fill(self._cut_down(s), float("-inf"))
             # Only negatives are weighted, and only once the Gaussians are ready.
             return torch.where(negative & self.stats.ready, log_w, 0.0), None
         return None, None
+
+    def _cut_down(self, s: Tensor) -> Tensor:
+        """(B, M) bool: the candidates FNE's cut-down removes (at or below ``mu+ - cutdown``)."""
+        assert self.cutdown is not None
+        return (s <= self.stats.pos_mean.float() - self.cutdown) & (self.stats.pos_count > 0)
+
+    def _posterior_targets(self, s: Tensor, negative: Tensor, coefficients: Tensor | None) -> Tensor | None:
+        """``fne_action=attract``: (B, M) each negative's expected label under the posterior, ``p_fn``
+        (0 until the Gaussians are ready, and where the cut-down removes it); None otherwise."""
+        if self.false_negatives != "fne" or self.fne_action != "attract" or coefficients is None:
+            return None
+        keep = negative & self.stats.ready
+        if self.cutdown is not None:
+            keep = keep & ~self._cut_down(s)
+        return torch.where(keep, posterior_log_odds(s, coefficients).sigmoid(), 0.0)
 
     def _coefficients(self) -> tuple[Tensor | None, Gaussians | None]:
         if self.false_negatives != "fne":
@@ -284,7 +310,8 @@ class InfoNCELoss(ContrastiveLoss):
                  oracle_action: str = "eliminate", alpha: float = 0.4, alpha_ramp_epochs: float = 1.0,
                  match_prior: float = 1e-4, min_pos_samples: int = 200, prior: str = "fixed",
                  exclude: float | None = None, cutdown: float | None = None, reset_stats_every_epoch: bool = True,
-                 gather_batch: bool = True, warmup_epochs: int = 0, warmup_loss: str = "vse0") -> None:
+                 gather_batch: bool = True, warmup_epochs: int = 0, warmup_loss: str = "vse0",
+                 fne_action: str = "eliminate") -> None:
         """Check and keep the settings (config keys ``loss.<name>``; the shared ones as in
         :class:`ContrastiveLoss`).
 
@@ -315,13 +342,15 @@ class InfoNCELoss(ContrastiveLoss):
             gather_batch: under DDP, the in-batch candidates are every rank's batch.
             warmup_epochs: epochs of in-batch VSE first.
             warmup_loss: ``vse0`` or ``vsepp``.
+            fne_action: ``fne``: ``eliminate`` (weights ``1 - p_fn``) or ``attract`` (the targets
+                give each negative its ``p_fn``, then sum to 1 with the positives' 1s).
 
         Raises:
             FNEError: a value out of range, naming its ``loss.<name>`` key.
         """
         super().__init__(embed_dim, temperature, None, learn_scale, model_scale, max_logit_scale, false_negatives,
                          oracle_action, match_prior, min_pos_samples, prior, exclude, cutdown,
-                         reset_stats_every_epoch, gather_batch, warmup_epochs, warmup_loss)
+                         reset_stats_every_epoch, gather_batch, warmup_epochs, warmup_loss, fne_action)
         check(same_image in SAME_IMAGE, "loss.same_image", " or ".join(SAME_IMAGE), same_image)
         check(isinstance(memory_size, int) and memory_size >= 0, "loss.memory_size", "an integer >= 0", memory_size)
         check(queue_features in QUEUE_FEATURES, "loss.queue_features", " or ".join(QUEUE_FEATURES), queue_features)
@@ -451,6 +480,7 @@ class InfoNCELoss(ContrastiveLoss):
                 truth = (self.positives.contains(image_ids[:, None], cand.text_ids[None, :]) if direction == "i2t"
                          else self.positives.contains(cand.image_ids[None, :], text_ids[:, None]))
             log_w, attract = self._false_negative_terms(s, negative, truth, coefficients)
+            expected = self._posterior_targets(s, negative, coefficients)
             removed = ~present
             if self.same_image == "mask":
                 removed = removed | (positive & ~own)
@@ -460,7 +490,7 @@ class InfoNCELoss(ContrastiveLoss):
             if attract is not None:
                 target_mask = target_mask | attract
                 negative = negative & ~attract
-            targets = id_targets(target_mask)
+            targets = id_targets(target_mask) if expected is None else expected_targets(target_mask, expected)
             if alpha is not None and momentum_anchors is not None and cand.momentum is not None:
                 momentum_logits = (scale.detach() * (momentum_anchors @ cand.momentum.T)).masked_fill(removed,
                                                                                                      float("-inf"))
@@ -500,7 +530,7 @@ class SigLIPLoss(ContrastiveLoss):
                  oracle_action: str = "eliminate", match_prior: float = 1e-4, min_pos_samples: int = 200,
                  prior: str = "fixed", exclude: float | None = None, cutdown: float | None = None,
                  reset_stats_every_epoch: bool = True, gather_batch: bool = True, warmup_epochs: int = 0,
-                 warmup_loss: str = "vse0") -> None:
+                 warmup_loss: str = "vse0", fne_action: str = "eliminate") -> None:
         """Check and keep the settings (config keys ``loss.<name>``; as :class:`ContrastiveLoss`).
 
         Args:
@@ -524,6 +554,8 @@ class SigLIPLoss(ContrastiveLoss):
             gather_batch: under DDP, score against every rank's captions.
             warmup_epochs: epochs of in-batch VSE first.
             warmup_loss: ``vse0`` or ``vsepp``.
+            fne_action: ``fne``: ``eliminate`` (weights ``1 - p_fn``) or ``attract`` (a negative's
+                label is its ``p_fn``: the expected binary cross-entropy under the posterior).
 
         Raises:
             FNEError: a value out of range, naming its ``loss.<name>`` key.
@@ -533,7 +565,7 @@ class SigLIPLoss(ContrastiveLoss):
               "is InfoNCE's)", false_negatives)
         super().__init__(embed_dim, temperature, bias, learn_scale, model_scale, max_logit_scale, false_negatives,
                          oracle_action, match_prior, min_pos_samples, prior, exclude, cutdown,
-                         reset_stats_every_epoch, gather_batch, warmup_epochs, warmup_loss)
+                         reset_stats_every_epoch, gather_batch, warmup_epochs, warmup_loss, fne_action)
 
     def forward(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor, text_ids: Tensor,
                 momentum_image_features: Tensor | None = None, momentum_text_features: Tensor | None = None,
@@ -571,12 +603,16 @@ class SigLIPLoss(ContrastiveLoss):
             truth = (self.positives.contains(image_ids[:, None], cand_text_ids[None, :])
                      if self.positives.available else None)
             log_w, attract = self._false_negative_terms(s, negative, truth, coefficients)
+            expected = self._posterior_targets(s, negative, coefficients)
             labels = same | attract if attract is not None else same
             if attract is not None:
                 negative = negative & ~attract
             weights = log_w.exp() if log_w is not None else None  # (B, M): 1 - p_fn, or 0 where removed
         logits = scale * (v @ texts.T) + bias  # (B, M)
-        terms = torch.nn.functional.logsigmoid(torch.where(labels, logits, -logits))
+        if expected is None:
+            terms = torch.nn.functional.logsigmoid(torch.where(labels, logits, -logits))
+        else:  # soft labels y: y log sigmoid(z) + (1 - y) log sigmoid(-z) = log sigmoid(-z) + y z
+            terms = torch.nn.functional.logsigmoid(-logits) + (labels.float() + expected) * logits
         if weights is not None:
             terms = terms * weights
         loss = -terms.sum() / v.shape[0]
