@@ -98,7 +98,17 @@ def test_oracle_headroom_share_and_the_bar_against_a_hand_computation(synthetic_
     (line,) = synthetic_fn.bar(results, "high")
     # The same +0.7 on every seed: a zero-width interval above zero, on R-Precision too (+0.7).
     assert line.startswith("high: fne beats the best plain baseline (vsepp) on mAP@R +0.70 [+0.70, +0.70]")
-    assert line.endswith("share of its family's oracle headroom on mAP@R: 0.70")
+    assert line.endswith("share of its family's oracle headroom on mAP@R: 0.70; the bar at the highest density: met")
+    # At the lowest density the bar asks only that a method be no worse than its own baseline.
+    (line,) = synthetic_fn.bar(results, "low")
+    assert line.endswith("against its own baseline (vsepp): mAP@R +0.70 [+0.70, +0.70], R-Precision +0.70 "
+                         "[+0.70, +0.70]: not worse beyond noise")
+    worse = {**results, "fne": {s: metrics(304.0 + s, 9.5 + s, 19.9 + s, 0.1) for s in range(3)}}  # -0.3 each
+    (line,) = synthetic_fn.bar(worse, "low")
+    assert line.endswith("-0.30 [-0.30, -0.30]: worse beyond noise")
+    (line,) = synthetic_fn.bar({**results, "vsepp_oracle": {s: metrics(302.0 + s, 12.0 + s, 22.0 + s, 0.0)
+                                                            for s in range(3)}}, "high")
+    assert line.endswith("headroom on mAP@R: 0.35; the bar at the highest density: not met")  # 0.7 / 2.0
 
 
 def test_a_failed_run_stops_the_study_with_its_error_and_writes_no_result(tmp_path: Path) -> None:
