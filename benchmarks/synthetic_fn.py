@@ -312,7 +312,7 @@ def bar(results: dict[str, dict[int, dict[str, float]]], density: str) -> list[s
 
 
 def markdown(rows: list[dict[str, object]], *pair_tables: list[dict[str, object]]) -> str:
-    cell = lambda r, k: f"{r[k]:.1f} ± {r[k + '_std']:.1f}"  # noqa: E731
+    cell = lambda r, k: "–" if math.isnan(r[k]) else f"{r[k]:.1f} ± {r[k + '_std']:.1f}"  # noqa: E731
     text = ""
     if rows:
         text += ("| method | test rsum | mAP@R (%) | i2t / t2i mAP@R | R-Precision (%) | any R@1 (%) | sampled FN (%) "
