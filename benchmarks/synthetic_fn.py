@@ -26,6 +26,7 @@ interrupted benchmark resumes.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -169,8 +170,6 @@ def first_epoch(out: Path, seeds: list[int], method: str = "infonce") -> dict[st
     in-batch negatives that truly match (``fn_base_rate``) and of hardest in-batch negatives that
     do (``hardest_fn_rate``), averaged over the seeds' ``method`` runs (their ``csv/metrics.csv``;
     plain InfoNCE logs both and changes no candidate). None if no run of it logged them."""
-    import csv
-
     found: dict[str, list[float]] = {"fn_base_rate": [], "hardest_fn_rate": []}
     for seed in seeds:
         log = out / method / f"seed{seed}" / "csv" / "metrics.csv"
@@ -208,6 +207,11 @@ def interval(diffs: list[float]) -> dict[str, object]:
     half = T95.get(len(diffs) - 1, 1.96) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     return {"diffs": [round(d, 2) for d in diffs], "mean": round(mean, 2),
             "ci95": [round(mean - half, 2), round(mean + half, 2)]}
+
+
+def ci(d: dict[str, object]) -> str:
+    """A paired difference as ``mean [low, high]`` (its 95% t-interval)."""
+    return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
 
 
 def paired(results: dict[str, dict[int, dict[str, float]]], baseline: str = "vsepp") -> list[dict[str, object]]:
@@ -287,7 +291,6 @@ def bar(results: dict[str, dict[int, dict[str, float]]], density: str) -> list[s
     shares = {h["method"]: h for h in headroom(results)}
     own = {p["method"]: p for base in FAMILIES.values() if base in results for p in paired(results, base)
            if FAMILY[p["method"]] == FAMILY[base]}
-    ci = lambda d: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
     lines = []
     for p in paired(results, best):
         method = p["method"]
@@ -321,11 +324,10 @@ def markdown(rows: list[dict[str, object]], *pair_tables: list[dict[str, object]
                         f"{r['i2t_map_at_r']:.1f} / {r['t2i_map_at_r']:.1f} | {cell(r, 'rprecision')} | "
                         f"{cell(r, 'any_r1')} | {cell(r, 'sampled_fn_rate')} | {cell(r, 'hardest_fn_rate')} | "
                         f"{cell(r, 'fn_mass')} |\n" for r in rows)
-    fmt = lambda d: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
     for pairs in filter(None, pair_tables):
         text += (f"\n| method - {pairs[0]['baseline']} (paired by seed) | rsum: mean [95% CI] | mAP@R: mean [95% CI] | "
                  "R-Precision: mean [95% CI] | per-seed rsum differences |\n|---|---|---|---|---|\n")
-        text += "".join(f"| {p['method']} | {fmt(p['test_rsum'])} | {fmt(p['map_at_r'])} | {fmt(p['rprecision'])} | "
+        text += "".join(f"| {p['method']} | {ci(p['test_rsum'])} | {ci(p['map_at_r'])} | {ci(p['rprecision'])} | "
                         f"{', '.join(f'{d:+.1f}' for d in p['test_rsum']['diffs'])} |\n" for p in pairs)
     return text
 
