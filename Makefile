@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# Processes the test suite runs in (pytest-xdist); 0 runs it in this one process.
+TEST_WORKERS ?= 2
 
 .PHONY: install train test docs docs-reference lint bench clean
 
@@ -20,7 +22,7 @@ train: $(STAMP)
 	$(PY) -m fne_lightning.train $(ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q $(ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 # The documentation site into docs/_build/html; every warning (a broken link or anchor, a bad
 # docstring) fails the build.

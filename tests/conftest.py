@@ -18,6 +18,11 @@ from fne_lightning.utils.config import config_dir
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # make test: the cores shared among the workers
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 TINY_OVERRIDES = [
     "data.num_train=32",
     "data.num_val=8",
