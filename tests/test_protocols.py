@@ -280,6 +280,21 @@ def test_ties_count_against_the_query_as_the_package_ranks_them(tmp_path: Path, 
     assert len({round(v, 6) for v in official.values()}) > 5  # not all 0 or 1
 
 
+@pytest.mark.parametrize("n_queries", [3, 40])
+def test_column_counts_gathered_or_in_place(n_queries: int) -> None:
+    """A few caption columns are gathered before counting, many are counted in place over all of
+    S: both give each column's count of scores at or above its threshold (ties included)."""
+    gen = torch.Generator().manual_seed(0)
+    scores = (torch.rand(30, 100, generator=gen) * 8).floor()  # 8 levels: many ties
+    cols = torch.randperm(100, generator=gen)[:n_queries]
+    thresh = (torch.rand(n_queries, generator=gen) * 8).floor()
+    gathered = protocols.COL_GATHER_SHARE * n_queries < scores.shape[1]
+    assert gathered == (n_queries == 3)  # the two cases take the two paths
+    expected = torch.tensor([int((scores[:, c] >= t).sum()) for c, t in zip(cols.tolist(), thresh.tolist(), strict=True)])
+    assert torch.equal(protocols._col_counts(scores, cols, thresh), expected)
+    assert len(set(expected.tolist())) > 2  # counts that differ from column to column
+
+
 def test_reusing_the_ranks_changes_nothing(tmp_path: Path) -> None:
     """retrieval_scores' one pass (reusing S and the ground-truth ranks, a split with captions
     outside the protocol and in another order) = the protocol alone = several chunks."""

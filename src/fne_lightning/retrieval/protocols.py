@@ -44,6 +44,9 @@ from fne_lightning.retrieval.ranking import CPU_BLOCK_ELEMENTS, CUDA_BLOCK_ELEME
 # Extra length of a top list beyond the largest R: items tied with the list's last score may be
 # missing from it, and the positions before them are exact only if at least R remain.
 TOP_SLACK = 8
+# Column counts compare all of S in place once the queries are at least 1 / COL_GATHER_SHARE of
+# its columns, rather than gathering them (see _col_counts).
+COL_GATHER_SHARE = 10
 # The protocols, their metrics (keys ``<protocol>/<i2t|t2i>_<metric>``) and what the package
 # calls them.
 PROTOCOL_METRICS = {
@@ -168,15 +171,17 @@ def _col_counts(scores: Tensor, cols: Tensor, thresh: Tensor) -> Tensor:
     """(Q,) int64: how many entries of column ``cols[k]`` of ``scores`` are >= ``thresh[k]``.
 
     Row blocks of ``scores`` against a threshold per column (a transposed view would be ~10x
-    slower); a few columns are gathered first, many are compared in place (+inf elsewhere).
+    slower). A few columns are gathered first; from a tenth of them on, all are compared in place
+    (+inf elsewhere): a column gather is an element-by-element copy on one thread, and for COCO 5K
+    on 2 CPU threads gathering 20% of the columns took 3x as long as comparing all of them.
     """
     n_rows, n_cols = scores.shape
-    if 4 * cols.numel() >= n_cols:
+    if COL_GATHER_SHARE * cols.numel() >= n_cols:
         matrix = scores
         full = torch.full((n_cols,), math.inf, device=scores.device)
         full[cols] = thresh
     else:
-        matrix, full = scores.index_select(1, cols), thresh  # (N_rows, Q)
+        matrix, full = torch.gather(scores, 1, cols.expand(n_rows, -1)), thresh  # (N_rows, Q)
     width = matrix.shape[1]
     block = _block_rows(scores, width)
     buf = torch.empty(min(block, n_rows), width, device=scores.device)
@@ -353,27 +358,32 @@ def eccv_stats(scores: Tensor, query_set: QuerySet, excluded: Tensor, columns: b
                          "the gallery (the package's R-Precision is then another formula)")
     pos_keys = torch.unique(query_set.pairs[:, 0] * n_items + query_set.pairs[:, 1])  # sorted
     length = min(n_items, r_max + TOP_SLACK)
-    # Row queries are gathered a cache-sized block at a time into one buffer (a fresh copy of all
-    # of them costs more than their top-k); column queries in one gather, then transposed.
+    # Queries are read in the order of their index in S (a column gather in scattered order costs
+    # half as much again). Row queries are gathered a cache-sized block at a time into one buffer
+    # (a fresh copy of all of them costs more than their top-k); column queries in one gather,
+    # then transposed.
+    order = torch.argsort(query_set.queries)
+    queries = query_set.queries[order]
     step = min(n_q, 256) if not columns else n_q
-    gathered = scores.index_select(1, query_set.queries).T.contiguous() if columns else None  # (Q, N_img)
+    # (torch.gather, unlike index_select along dim 1, spreads the copy over the threads.)
+    gathered = torch.gather(scores, 1, queries.expand(n_items, -1)).T.contiguous() if columns else None
     buf = torch.empty(step, n_items, device=scores.device) if not columns else None
     for start in range(0, n_q, step):
-        q = query_set.queries[start : start + step]
+        q = queries[start : start + step]
         if columns:
             matrix = gathered[start : start + step]
         else:
             matrix = torch.index_select(scores, 0, q, out=buf[: q.numel()])  # (b, N_txt)
         if excluded.numel():
             matrix[:, excluded] = -math.inf
-        need = query_set.n_relevant[start : start + step]
-        query_pos = torch.arange(start, start + q.numel(), device=scores.device)
+        query_pos = order[start : start + step]  # their positions in the query set
+        need = query_set.n_relevant[query_pos]
         stats, redo = _top_list_stats(matrix, query_pos, need, pos_keys, n_items, length)
         if redo.any():  # ties at the end of the short list: rank those queries in full
             rows = redo.nonzero().squeeze(1)
             stats[:, rows], _ = _top_list_stats(matrix[rows], query_pos[rows], need[rows], pos_keys, n_items,
                                                 n_items)
-        out[:, start : start + q.numel()] = stats
+        out[:, query_pos] = stats
     return out
 
 
@@ -452,40 +462,17 @@ def protocol_scores(
         inside[gallery] = True
         outside[direction] = (~inside).nonzero().squeeze(1)
     out: dict[str, float] = {}
-    # Caption queries are columns of S: the columns every text-to-image metric still has to read
-    # (ECCV's queries, the recall queries its plan could not settle) are gathered once, together.
-    plans = {name: _recall_plan(scores, qs, outside["t2i"], True, None if reuse is None else reuse.get("t2i"))
-             for name, qs in protocol.query_sets.items() if name.endswith("/t2i") and not name.startswith("eccv")}
-    needed = [protocol.query_sets[name].queries[plan[1]] for name, plan in plans.items()]
-    needed += [qs.queries for name, qs in protocol.query_sets.items() if name == "eccv/t2i"]
-    cols = torch.unique(torch.cat(needed)) if needed else torch.empty(0, dtype=torch.long, device=scores.device)
-    if 4 * cols.numel() >= n_txt:  # most columns (no reuse): read them in place
-        gathered, cols = scores, torch.arange(n_txt, device=scores.device)
-    else:
-        gathered = scores.index_select(1, cols)  # (N_img, C)
     for name, query_set in protocol.query_sets.items():
         proto, direction = name.split("/")
         columns = direction == "t2i"
         if proto == "eccv":
-            matrix = scores
-            if columns:  # its queries as columns of the gathered matrix
-                matrix = gathered
-                query_set = QuerySet(torch.searchsorted(cols, query_set.queries), query_set.pairs,
-                                     query_set.n_relevant)
-            stats = eccv_stats(matrix, query_set, outside[direction], columns)
+            stats = eccv_stats(scores, query_set, outside[direction], columns)
             means = (100.0 * stats.sum(1) / max(stats.shape[1], 1)).tolist()
             out.update({f"eccv/{direction}_{m}": v for m, v in zip(PROTOCOL_METRICS["eccv"], means, strict=True)})
-        elif columns:
-            ranks, idx, thresh, correction = plans[name]
-            if idx.numel():
-                at = torch.searchsorted(cols, query_set.queries[idx])
-                ranks[idx] = _col_counts(gathered, at, thresh) - correction
-            out.update(_hit_rates(f"{proto}/{direction}", ranks))
         else:
             ranks = recall_ranks(scores, query_set, outside[direction], columns,
                                  None if reuse is None else reuse.get(direction))
             out.update(_hit_rates(f"{proto}/{direction}", ranks))
-    del gathered
     if protocol.folds:
         out.update(_coco1k(scores, protocol))
     return out
