@@ -22,7 +22,7 @@ train: $(STAMP)
 	$(PY) -m fne_lightning.train $(ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25 $(ARGS)
 
 # The documentation site into docs/_build/html; every warning (a broken link or anchor, a bad
 # docstring) fails the build.
