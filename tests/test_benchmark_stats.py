@@ -111,6 +111,23 @@ def test_oracle_headroom_share_and_the_bar_against_a_hand_computation(synthetic_
     assert line.endswith("headroom on mAP@R: 0.35; the bar at the highest density: not met")  # 0.7 / 2.0
 
 
+def test_the_oracles_are_the_methods_that_read_the_true_matches(synthetic_fn) -> None:
+    """The posterior's attraction (infonce_fne_attract) is a false-negative method like the others:
+    it gets a share of its family's oracle headroom and a verdict; infonce_attract is an oracle."""
+    assert synthetic_fn.ORACLES == {"vsepp_oracle", "fne_oracle", "infonce_oracle", "infonce_attract",
+                                    "siglip_oracle", "siglip_attract"}
+    results = {
+        "infonce": {s: metrics(300.0 + s, 10.0 + s, 20.0 + s, 0.2) for s in range(3)},
+        "infonce_attract": {s: metrics(250.0 + s, 14.0 + s, 24.0 + s, 0.0) for s in range(3)},  # +4.0 mAP@R
+        "infonce_fne_attract": {s: metrics(240.0 + s, 9.0 + s, 19.0 + s, 0.1) for s in range(3)},  # -1.0
+    }
+    (share,) = synthetic_fn.headroom(results)
+    assert (share["method"], share["oracle"]) == ("infonce_fne_attract", "infonce_attract")
+    assert share["map_at_r"] == pytest.approx(-1.0 / 4.0, abs=1e-3)
+    (line,) = synthetic_fn.bar(results, "high")
+    assert line.startswith("high: infonce_fne_attract does not beat the best plain baseline (infonce)")
+
+
 def test_a_failed_run_stops_the_study_with_its_error_and_writes_no_result(tmp_path: Path) -> None:
     """Two runs at once (--jobs 2): a run that fails stops the study with the run's own error, the
     runs not started are dropped, and no summary is written as if the study had finished."""
