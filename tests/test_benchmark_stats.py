@@ -95,9 +95,9 @@ def test_oracle_headroom_share_and_the_bar_against_a_hand_computation(synthetic_
     assert shares["fne"]["map_at_r"] == pytest.approx(0.7 / 1.0, abs=1e-3)
     assert shares["fne"]["test_rsum"] == pytest.approx(4.0 / 2.0, abs=1e-3)
     assert synthetic_fn.best_baseline(synthetic_fn.summarise(results)) == "vsepp"
-    (line,) = synthetic_fn.bar(results, "high")
+    (line,) = synthetic_fn.bar(results, "very_high")  # the highest density: the bar's first half
     # The same +0.7 on every seed: a zero-width interval above zero, on R-Precision too (+0.7).
-    assert line.startswith("high: fne beats the best plain baseline (vsepp) on mAP@R +0.70 [+0.70, +0.70]")
+    assert line.startswith("very_high: fne beats the best plain baseline (vsepp) on mAP@R +0.70 [+0.70, +0.70]")
     assert line.endswith("share of its family's oracle headroom on mAP@R: 0.70; the bar at the highest density: met")
     # At the lowest density the bar asks only that a method be no worse than its own baseline.
     (line,) = synthetic_fn.bar(results, "low")
@@ -107,8 +107,11 @@ def test_oracle_headroom_share_and_the_bar_against_a_hand_computation(synthetic_
     (line,) = synthetic_fn.bar(worse, "low")
     assert line.endswith("-0.30 [-0.30, -0.30]: worse beyond noise")
     (line,) = synthetic_fn.bar({**results, "vsepp_oracle": {s: metrics(302.0 + s, 12.0 + s, 22.0 + s, 0.0)
-                                                            for s in range(3)}}, "high")
+                                                            for s in range(3)}}, "very_high")
     assert line.endswith("headroom on mAP@R: 0.35; the bar at the highest density: not met")  # 0.7 / 2.0
+    # Between the ends (medium, high) the bar states nothing beyond the comparison.
+    (line,) = synthetic_fn.bar(results, "high")
+    assert line.endswith("share of its family's oracle headroom on mAP@R: 0.70")
 
 
 def test_the_oracles_are_the_methods_that_read_the_true_matches(synthetic_fn) -> None:

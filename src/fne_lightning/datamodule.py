@@ -404,8 +404,8 @@ class SyntheticDataModule(CaptionDataModule):
             image_size: the side of the rendered images in pixels.
             seed: the seed of the scenes and captions.
             fn_density: how dense false negatives are: ``low`` (the benchmark's original captions),
-                ``medium`` or ``high`` (a quarter or half of the captions vague, true of many
-                images).
+                ``medium``, ``high`` or ``very_high`` (a quarter, half or four fifths of the
+                captions vague, true of many images).
             **kwargs: the other arguments of :class:`CaptionDataModule` (not ``root`` or
                 ``annotations``).
         """
