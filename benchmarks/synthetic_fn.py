@@ -359,11 +359,12 @@ def figure(files: list[Path], out: Path) -> None:
                     lows.append(row[name]["mean"] - row[name]["ci95"][0])
                     highs.append(row[name]["ci95"][1] - row[name]["mean"])
             style = "--" if method in ORACLES else "-"
-            ax.errorbar(xs, means, yerr=[lows, highs], fmt=style + "o", ms=3, lw=1, capsize=2, label=method)
+            # tab20: a colour of its own for each of the study's 16 methods (tab10 repeats after 10).
+            ax.errorbar(xs, means, yerr=[lows, highs], fmt=style + "o", ms=3, lw=1, capsize=2, label=method,
+                        color=plt.cm.tab20(k % 20))
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_xticks(range(len(densities)), [f"{d}\n(best plain: {r['best_baseline']})" for d, r in zip(densities, stored,
-                                                                                                       strict=True)])
-        ax.set_xlabel("false-negative density (data.fn_density)")
+        ax.set_xticks(range(len(densities)), [f"{d}\nvs {r['best_baseline']}" for d, r in zip(densities, stored, strict=True)])
+        ax.set_xlabel("false-negative density (data.fn_density), and its best plain baseline")
         ax.set_ylabel(f"{label} - best plain baseline (paired, 95% CI)")
         ax.set_title(f"gain over the best plain baseline: {label}")
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
