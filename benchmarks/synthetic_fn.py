@@ -40,6 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_name.py beside this script
 from results_name import result_name  # noqa: E402
 
+from fne_lightning.data.synthetic import FN_DENSITIES  # noqa: E402  (numpy and PIL only, no torch)
+
 METHODS = {
     "vsepp": ["loss=vsepp"],
     "fne_hardest": ["loss=fne", "loss.selection=hardest"],
@@ -85,7 +87,8 @@ ORACLES = {m for m, overrides in METHODS.items()
 STUDY = ["vsepp", "fne", "fne_online", "fne_online_queue", "vsepp_oracle", "fne_oracle", "infonce", "infonce_fne",
          "infonce_distill", "infonce_fne_estimated", "infonce_fne_attract", "infonce_oracle", "infonce_attract",
          "siglip", "siglip_fne", "siglip_oracle"]
-DENSITIES = ("low", "medium", "high", "very_high")
+# data.fn_density's levels, lowest first, as the package defines them (the bar: first half at the last).
+DENSITIES = tuple(FN_DENSITIES)
 SMOKE = ["data.num_train=64", "data.num_val=16", "data.num_test=16", "data.batch_size=32"]
 PRETRAIN = ["experiment=synthetic", "loss=vse0", "test=false"]
 COLUMNS = {

@@ -173,9 +173,9 @@ def test_bad_arguments_name_the_argument(tmp_path: Path, kwargs: dict[str, Any],
 
 def test_false_negative_density_keeps_low_and_makes_captions_true_of_more_images(tmp_path: Path) -> None:
     """``fn_density=low`` is the benchmark as it was (the same captions from the same stream, the
-    same cache directory); ``medium``, ``high`` and ``very_high`` draw a quarter, half and four fifths
-    of the captions from the vague templates, so a caption is true of a larger share of the scenes, counted here with the
-    per-pair oracle, not with match_matrix."""
+    same cache directory); ``medium``, ``high`` and ``very_high`` draw a quarter, half and four
+    fifths of the captions from the vague templates, so a caption is true of a larger share of the
+    scenes, counted here with the per-pair oracle, not with match_matrix."""
     def captions(density: str | None) -> list[tuple[dict, str]]:
         rng = np.random.Generator(np.random.PCG64(7))
         scenes = [synthetic.sample_scene(rng) for _ in range(60)]

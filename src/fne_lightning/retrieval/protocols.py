@@ -372,8 +372,9 @@ def eccv_stats(scores: Tensor, query_set: QuerySet, excluded: Tensor, columns: b
     # Queries are read in the order of their index in S (a column gather in scattered order costs
     # half as much again), ECCV_CPU_QUERIES at a time into buffers reused from step to step: on CPU,
     # copies of all of them at once (two of 27 MB for COCO 5K's caption queries: fresh memory to
-    # fault in, a working set beyond the caches) cost more than their top-k. Column queries are gathered with torch.gather (it spreads the copy over the
-    # threads; index_select along dim 1 does not), then transposed.
+    # fault in, a working set beyond the caches) cost more than their top-k. Column queries are
+    # gathered with torch.gather (it spreads the copy over the threads; index_select along dim 1
+    # does not), then transposed.
     order = torch.argsort(query_set.queries)
     queries = query_set.queries[order]
     step = min(n_q, _block_rows(scores, n_items) if scores.is_cuda else ECCV_CPU_QUERIES)
